@@ -1,0 +1,1 @@
+"""Official TensorFlow EfficientNet checkpoints -> effnet_timm safetensors, without TensorFlow."""

@@ -1,0 +1,85 @@
+"""The two shapes of the official MBConv block.
+
+Module names follow timm's `DepthwiseSeparableConv` / `InvertedResidual`, so state dicts line up key for
+key with timm's `tf_efficientnet_*` ports.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from timm.layers import DropPath
+from timm.models._efficientnet_blocks import SqueezeExcite
+
+from .config import BlockConfig
+from .layers import create_conv
+
+__all__ = ['DepthwiseSeparable', 'InvertedResidual', 'create_block']
+
+NormActFactory = Callable[..., nn.Module]
+
+
+class DepthwiseSeparable(nn.Module):
+    """Official block with expand_ratio 1: depthwise → BN+Swish → SE → project → BN."""
+
+    def __init__(
+            self, cfg: BlockConfig, norm_act: NormActFactory, act_layer: type, dilation: int = 1,
+            drop_path_rate: float = 0.,
+    ) -> None:
+        super().__init__()
+        self.has_residual = cfg.has_residual
+        chs = cfg.input_filters
+        self.conv_dw = create_conv(chs, chs, cfg.kernel_size, cfg.stride, dilation, groups=chs)
+        self.bn1 = norm_act(chs)
+        self.se = SqueezeExcite(chs, rd_channels=cfg.se_reduced_filters, act_layer=act_layer)
+        self.conv_pw = create_conv(chs, cfg.output_filters, 1)
+        self.bn2 = norm_act(cfg.output_filters, apply_act=False)
+        self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0. else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        x = self.bn1(self.conv_dw(x))
+        x = self.se(x)
+        x = self.bn2(self.conv_pw(x))
+        if self.has_residual:
+            x = self.drop_path(x) + shortcut
+        return x
+
+
+class InvertedResidual(nn.Module):
+    """Official block with expansion: expand → BN+Swish → depthwise → BN+Swish → SE → project → BN."""
+
+    def __init__(
+            self, cfg: BlockConfig, norm_act: NormActFactory, act_layer: type, dilation: int = 1,
+            drop_path_rate: float = 0.,
+    ) -> None:
+        super().__init__()
+        self.has_residual = cfg.has_residual
+        mid = cfg.expanded_filters
+        self.conv_pw = create_conv(cfg.input_filters, mid, 1)
+        self.bn1 = norm_act(mid)
+        self.conv_dw = create_conv(mid, mid, cfg.kernel_size, cfg.stride, dilation, groups=mid)
+        self.bn2 = norm_act(mid)
+        self.se = SqueezeExcite(mid, rd_channels=cfg.se_reduced_filters, act_layer=act_layer)
+        self.conv_pwl = create_conv(mid, cfg.output_filters, 1)
+        self.bn3 = norm_act(cfg.output_filters, apply_act=False)
+        self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0. else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        x = self.bn1(self.conv_pw(x))
+        x = self.bn2(self.conv_dw(x))
+        x = self.se(x)
+        x = self.bn3(self.conv_pwl(x))
+        if self.has_residual:
+            x = self.drop_path(x) + shortcut
+        return x
+
+
+def create_block(
+        cfg: BlockConfig, norm_act: NormActFactory, act_layer: type, dilation: int = 1,
+        drop_path_rate: float = 0.,
+) -> nn.Module:
+    block_cls = InvertedResidual if cfg.has_expand_conv else DepthwiseSeparable
+    return block_cls(cfg, norm_act, act_layer, dilation=dilation, drop_path_rate=drop_path_rate)

@@ -1,0 +1,145 @@
+"""timm registry entries: `effnet_v1_b0` … `effnet_v1_b8`, `effnet_v1_l2`, and the generic `effnet_v1`.
+
+timm names the registry module after this file (`effnet_v1`), so it must not share a name with a timm
+module, and it reads `default_cfgs` while the entrypoints are being decorated: keep it above them.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import resolve_pretrained_cfg
+from timm.models._builder import _resolve_pretrained_source
+
+from .config import VARIANTS
+from .model import EffNetV1
+from .pretrained import default_cfg_table, pretrained_cfg
+
+__all__ = ['PretrainedWeightsError', 'create_effnet_v1']
+
+default_cfgs = generate_default_cfgs({
+    **default_cfg_table(),
+    # Architecture only (no official weights): any width/depth, e.g. a scaled-down official checkpoint.
+    'effnet_v1': pretrained_cfg('effnet_v1_b0'),
+})
+
+
+class PretrainedWeightsError(RuntimeError):
+    """Pretrained weights were asked for and could not be had."""
+
+
+def _weights_source(variant: str, kwargs: dict) -> str:
+    """Where timm will load weights from, or '' if nowhere (timm would then silently keep random weights)."""
+    cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
+    load_from, location = _resolve_pretrained_source(cfg.to_dict())
+    if not load_from:
+        return ''
+    return load_from if load_from == 'state_dict' else f'{load_from} {location}'
+
+
+def create_effnet_v1(variant: str, pretrained: bool = False, **kwargs: Any) -> EffNetV1:
+    """Build `variant` through timm's builder; a pretrained request that cannot be met fails in one line."""
+    if kwargs.get('features_only') and 'feature_cls' not in kwargs:
+        kwargs['feature_cls'] = 'getter'  # uses forward_intermediates; respects out_indices
+    if not pretrained:
+        return build_model_with_cfg(EffNetV1, variant, pretrained, **kwargs)
+    source = _weights_source(variant, kwargs)
+    tag = kwargs.get('pretrained_cfg') if isinstance(kwargs.get('pretrained_cfg'), str) else None
+    name = f'{variant}.{tag}' if tag else variant
+    if not source:
+        raise PretrainedWeightsError(
+            f'{name}: no pretrained weights are defined; pick a tag ({", ".join(_tags_of(variant)) or "none"}) '
+            f'or pass pretrained_cfg_overlay=dict(file=...) with a file made by effnet-convert')
+    try:
+        return build_model_with_cfg(EffNetV1, variant, pretrained, **kwargs)
+    except (OSError, ValueError, ConnectionError) as err:
+        if not _is_download_error(err):
+            raise
+        raise PretrainedWeightsError(
+            f'{name}: could not load pretrained weights from {source}: {_first_line(err)}. '
+            f'Convert an official checkpoint with `effnet-convert` and load it with '
+            f'pretrained_cfg_overlay=dict(file=...)') from None
+
+
+def _is_download_error(err: BaseException) -> bool:
+    # huggingface_hub's lookup/download errors and a missing local file; not model/state-dict bugs.
+    from huggingface_hub import errors as hub_errors
+    hub_types = tuple(
+        getattr(hub_errors, n) for n in (
+            'EntryNotFoundError', 'LocalEntryNotFoundError', 'RepositoryNotFoundError',
+            'RevisionNotFoundError', 'HfHubHTTPError', 'OfflineModeIsEnabled')
+        if hasattr(hub_errors, n))
+    return isinstance(err, hub_types) or isinstance(err, (FileNotFoundError, ConnectionError))
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip() or err.__class__.__name__
+    return text.splitlines()[0].rstrip('.')
+
+
+def _tags_of(variant: str) -> list:
+    prefix = f'{variant}.'
+    return [k[len(prefix):] for k in default_cfgs if k.startswith(prefix)]
+
+
+def _variant(variant: str, pretrained: bool, **kwargs: Any) -> EffNetV1:
+    spec = VARIANTS[variant]
+    kwargs.setdefault('drop_rate', spec.dropout)
+    return create_effnet_v1(
+        variant, pretrained, width_coefficient=spec.width, depth_coefficient=spec.depth, **kwargs)
+
+
+@register_model
+def effnet_v1(pretrained: bool = False, **kwargs: Any) -> EffNetV1:
+    """EfficientNet V1 at any `width_coefficient` / `depth_coefficient` (B0 by default)."""
+    return create_effnet_v1('effnet_v1', pretrained, **kwargs)
+
+
+@register_model
+def effnet_v1_b0(pretrained: bool = False, **kwargs: Any) -> EffNetV1:
+    return _variant('effnet_v1_b0', pretrained, **kwargs)
+
+
+@register_model
+def effnet_v1_b1(pretrained: bool = False, **kwargs: Any) -> EffNetV1:
+    return _variant('effnet_v1_b1', pretrained, **kwargs)
+
+
+@register_model
+def effnet_v1_b2(pretrained: bool = False, **kwargs: Any) -> EffNetV1:
+    return _variant('effnet_v1_b2', pretrained, **kwargs)
+
+
+@register_model
+def effnet_v1_b3(pretrained: bool = False, **kwargs: Any) -> EffNetV1:
+    return _variant('effnet_v1_b3', pretrained, **kwargs)
+
+
+@register_model
+def effnet_v1_b4(pretrained: bool = False, **kwargs: Any) -> EffNetV1:
+    return _variant('effnet_v1_b4', pretrained, **kwargs)
+
+
+@register_model
+def effnet_v1_b5(pretrained: bool = False, **kwargs: Any) -> EffNetV1:
+    return _variant('effnet_v1_b5', pretrained, **kwargs)
+
+
+@register_model
+def effnet_v1_b6(pretrained: bool = False, **kwargs: Any) -> EffNetV1:
+    return _variant('effnet_v1_b6', pretrained, **kwargs)
+
+
+@register_model
+def effnet_v1_b7(pretrained: bool = False, **kwargs: Any) -> EffNetV1:
+    return _variant('effnet_v1_b7', pretrained, **kwargs)
+
+
+@register_model
+def effnet_v1_b8(pretrained: bool = False, **kwargs: Any) -> EffNetV1:
+    return _variant('effnet_v1_b8', pretrained, **kwargs)
+
+
+@register_model
+def effnet_v1_l2(pretrained: bool = False, **kwargs: Any) -> EffNetV1:
+    return _variant('effnet_v1_l2', pretrained, **kwargs)
