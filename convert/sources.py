@@ -42,7 +42,7 @@ class ResolvedSource:
 
 
 def resolve_source(source: str, workdir: Path, expected_sha256: str | None = None) -> ResolvedSource:
-    """Find the checkpoint that ``source`` names. Archives are unpacked (and URLs downloaded) into ``workdir``.
+    """Find the checkpoint ``source`` names; archives are unpacked (URLs downloaded first) into ``workdir``.
 
     ``expected_sha256`` is checked against the archive; it is an error for a source that is not an archive.
     """
@@ -96,7 +96,9 @@ def _fetch(url: str, part: Path) -> str:
         with urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as response, open(part, "wb") as out:
             expected = response.length
             # disable=None: the bar shows only when stderr is a terminal.
-            with tqdm(total=expected, unit="B", unit_scale=True, unit_divisor=1024, desc=part.stem, disable=None) as bar:
+            with tqdm(
+                total=expected, unit="B", unit_scale=True, unit_divisor=1024, desc=part.stem, disable=None
+            ) as bar:
                 while chunk := response.read(_CHUNK):
                     out.write(chunk)
                     digest.update(chunk)
@@ -120,7 +122,9 @@ def _download_error(url: str, reason: str) -> CheckpointError:
 
 def _check_sha256(label: str, expected: str | None, found: str) -> None:
     if expected and expected.strip().lower() != found:
-        raise CheckpointError(f"{label}: sha256 mismatch (expected {expected.strip().lower()}, found {found})")
+        raise CheckpointError(
+            f"{label}: sha256 mismatch (expected {expected.strip().lower()}, found {found})"
+        )
 
 
 def _resolved(prefix: Path, origin: str, kind: str, archive_sha256: str | None = None) -> ResolvedSource:
@@ -165,7 +169,7 @@ def _prefix_from_state(state: Path) -> Path:
     for prefix in (stated, state.parent / PurePosixPath(named).name):
         if Path(f"{prefix}.index").is_file():
             return prefix
-    raise CheckpointError(f"{state}: model_checkpoint_path \"{named}\" has no index file ({stated}.index)")
+    raise CheckpointError(f'{state}: model_checkpoint_path "{named}" has no index file ({stated}.index)')
 
 
 def _from_archive(archive: Path, workdir: Path, origin: str, kind: str, digest: str) -> ResolvedSource:
@@ -232,8 +236,8 @@ def _check_member(member: tarfile.TarInfo, symlinks: set[str], archive: Path) ->
 
 
 def _walk(parts: Iterable[str], symlinks: set[str]) -> str | None:
-    """Resolve a path relative to the archive root lexically; None if it climbs above the root or passes through
-    one of the archive's own symlinks (which extraction would follow, to anywhere)."""
+    """Resolve a path relative to the archive root lexically; None if it climbs above the root or passes
+    through one of the archive's own symlinks (which extraction would follow, to anywhere)."""
     stack: list[str] = []
     for part in parts:
         if stack and "/".join(stack) in symlinks:

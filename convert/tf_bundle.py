@@ -1,4 +1,4 @@
-"""Read TensorFlow V2 checkpoints ("TensorBundle": ``<prefix>.index`` + ``<prefix>.data-*``) without TensorFlow.
+"""Read TensorFlow V2 checkpoints (TensorBundle: ``<prefix>.index`` + ``<prefix>.data-*``) without TensorFlow.
 
 Format: tensorflow/core/util/tensor_bundle/tensor_bundle.{proto,cc} for the entries and the LevelDB-derived
 table of tensorflow/core/lib/io/{format,block,table}.cc for the index file.
@@ -221,12 +221,15 @@ def _read_table(path: Path) -> list[tuple[bytes, bytes]]:
     except OSError as exc:
         raise CheckpointError(f"{name}: cannot read ({exc.strerror})") from None
     if len(table) < _FOOTER_SIZE:
-        raise CheckpointError(f"{name}: too short for a table footer ({len(table)} < {_FOOTER_SIZE} bytes); truncated?")
+        raise CheckpointError(
+            f"{name}: too short for a table footer ({len(table)} < {_FOOTER_SIZE} bytes); truncated?"
+        )
     footer = table[-_FOOTER_SIZE:]
     magic = int.from_bytes(footer[-8:], "little")
     if magic != _TABLE_MAGIC:
         raise CheckpointError(
-            f"{name}: bad table magic (expected 0x{_TABLE_MAGIC:016x}, found 0x{magic:016x}); truncated or not an index"
+            f"{name}: bad table magic (expected 0x{_TABLE_MAGIC:016x}, found 0x{magic:016x}); "
+            "truncated or not an index"
         )
     try:
         meta_offset, pos = _varint(footer, 0)
@@ -235,7 +238,8 @@ def _read_table(path: Path) -> list[tuple[bytes, bytes]]:
         index_size, _ = _varint(footer, pos)
     except ValueError as exc:
         raise CheckpointError(f"{name}: malformed table footer ({exc})") from None
-    _read_block(table, name, meta_offset, meta_size)  # TensorBundle writes it empty; read only to verify its CRC
+    # TensorBundle writes the metaindex block empty: read it only to verify its CRC.
+    _read_block(table, name, meta_offset, meta_size)
     entries = []
     for _, handle in _read_block(table, name, index_offset, index_size):
         try:
@@ -263,7 +267,8 @@ def _map_file(path: Path) -> mmap.mmap | bytes:
 class TensorBundle:
     """A TF V2 checkpoint opened read-only: index parsed and CRC-checked now, tensors read on demand.
 
-    Data shards are memory-mapped, never read whole. Use as a context manager (or call ``close``) to unmap them.
+    Data shards are memory-mapped, never read whole. Use it as a context manager (or call ``close``) to
+    unmap them.
     """
 
     def __init__(self, prefix: str | os.PathLike[str]) -> None:
@@ -296,7 +301,7 @@ class TensorBundle:
                     entries[key.decode("utf-8")] = _parse_entry(value)
         except ValueError as exc:
             raise CheckpointError(f"{self.index_path}: entry {key!r}: malformed ({exc})") from None
-        if False:
+        if endianness == _BIG_ENDIAN:
             raise CheckpointError(f"{self.index_path}: big-endian bundles are not supported")
         if endianness != 0:
             raise CheckpointError(f"{self.index_path}: unknown endianness {endianness} in the bundle header")
@@ -312,7 +317,8 @@ class TensorBundle:
                 continue
             if not 0 <= entry.shard_id < len(self._maps):
                 raise CheckpointError(
-                    f"{self.index_path}: tensor '{name}': shard {entry.shard_id} out of range (0..{len(self._maps) - 1})"
+                    f"{self.index_path}: tensor '{name}': shard {entry.shard_id} "
+                    f"out of range (0..{len(self._maps) - 1})"
                 )
             end = entry.offset + entry.size
             available = len(self._maps[entry.shard_id])
@@ -367,12 +373,14 @@ class TensorBundle:
         return np.dtype(_NUMPY_DTYPES[code])
 
     def get(self, name: str) -> np.ndarray:
-        """The tensor after checking its CRC32C, as a new array that owns its memory (valid after ``close``)."""
+        """The tensor, CRC32C-checked, in a new array over its own copy of the bytes (valid after close)."""
         if self._maps is None:
             raise ValueError(f"{self.prefix}: bundle is closed")
         entry = self._entry(name)
         if entry.sliced:
-            raise CheckpointError(f"{self.index_path}: tensor '{name}' is partitioned into slices; not supported")
+            raise CheckpointError(
+                f"{self.index_path}: tensor '{name}' is partitioned into slices; not supported"
+            )
         dtype = self.dtype(name)
         expected_size = math.prod(entry.shape) * dtype.itemsize
         if entry.size != expected_size:
@@ -380,7 +388,7 @@ class TensorBundle:
                 f"{self.index_path}: tensor '{name}': size {entry.size} bytes does not match "
                 f"shape {entry.shape} of {dtype} ({expected_size} bytes)"
             )
-        # Copy first and checksum the copy: one pass over the mapping, and no buffer export keeps the mmap open.
+        # Copy, then checksum the copy: one pass over the mapping, and no buffer export pins the mmap open.
         raw = np.frombuffer(self._maps[entry.shard_id], np.uint8, entry.size, entry.offset).copy()
         stored, computed = _unmask(entry.masked_crc), crc32c.crc32c(raw)
         if stored != computed:

@@ -26,13 +26,15 @@ INNER = "noisy-student-efficientnet-b1"  # the inconsistent inner folder naming 
 
 
 def checkpoint_dir(path: Path, state: str | None = None, prefixes: tuple[str, ...] = ("model.ckpt",)) -> Path:
-    """A copy of the tiny checkpoint under each of ``prefixes``, with a ``checkpoint`` file if ``state`` given."""
+    """Copies of the tiny checkpoint as ``prefixes``, plus a ``checkpoint`` file naming ``state`` if given."""
     path.mkdir(parents=True)
     for prefix in prefixes:
         shutil.copy(TINY / INDEX, path / f"{prefix}.index")
         shutil.copy(TINY / DATA, path / f"{prefix}.data-00000-of-00001")
     if state is not None:
-        (path / "checkpoint").write_text(f'model_checkpoint_path: "{state}"\nall_model_checkpoint_paths: "{state}"\n')
+        (path / "checkpoint").write_text(
+            f'model_checkpoint_path: "{state}"\nall_model_checkpoint_paths: "{state}"\n'
+        )
     return path
 
 
@@ -79,7 +81,10 @@ def test_directory_without_checkpoint_file(tmp_path: Path) -> None:
 
 def test_directory_with_two_checkpoints_and_no_checkpoint_file(tmp_path: Path) -> None:
     directory = checkpoint_dir(tmp_path / "ckpt", prefixes=("model.ckpt-1", "model.ckpt-2"))
-    with pytest.raises(CheckpointError, match="no 'checkpoint' file to choose one: model.ckpt-1.index, model.ckpt-2.index"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"no 'checkpoint' file to choose one: model\.ckpt-1\.index, model\.ckpt-2\.index",
+    ):
         resolve_source(str(directory), tmp_path)
 
 
@@ -100,7 +105,9 @@ def test_checkpoint_file_written_on_another_machine(tmp_path: Path) -> None:
 
 def test_checkpoint_file_naming_a_missing_checkpoint(tmp_path: Path) -> None:
     directory = checkpoint_dir(tmp_path / "ckpt", "model.ckpt-99")
-    with pytest.raises(CheckpointError, match=r'checkpoint: model_checkpoint_path "model.ckpt-99" has no index file'):
+    with pytest.raises(
+        CheckpointError, match=r'checkpoint: model_checkpoint_path "model.ckpt-99" has no index file'
+    ):
         resolve_source(str(directory), tmp_path)
 
 
@@ -142,7 +149,10 @@ def test_archive_with_inconsistent_inner_folder(tmp_path: Path, suffix: str) -> 
 
 def test_archive_sha256_mismatch(tmp_path: Path) -> None:
     archive = official_like_tar(tmp_path / "efficientnet-b0.tar.gz")
-    with pytest.raises(CheckpointError, match=r"efficientnet-b0\.tar\.gz: sha256 mismatch \(expected 0{64}, found [0-9a-f]{64}\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"efficientnet-b0\.tar\.gz: sha256 mismatch \(expected 0{64}, found [0-9a-f]{64}\)",
+    ):
         resolve_source(str(archive), tmp_path / "work", expected_sha256="0" * 64)
 
 
@@ -176,7 +186,10 @@ def _member(name: str, kind: bytes = tarfile.REGTYPE, linkname: str = "") -> tar
 
 EVIL = {
     "parent": ([_member("../evil")], "'../evil': '..' in its path"),
-    "symlink-up": ([_member("link", tarfile.SYMTYPE, "../../outside")], "'link': symlink to '../../outside' outside"),
+    "symlink-up": (
+        [_member("link", tarfile.SYMTYPE, "../../outside")],
+        "'link': symlink to '../../outside' outside",
+    ),
     "symlink-absolute": ([_member("link", tarfile.SYMTYPE, "/etc")], "'link': symlink to '/etc' outside"),
     # Each link alone stays inside, but b -> a/.. climbs out because a is the archive root itself.
     "symlink-chain": (
@@ -226,7 +239,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]
     root = tmp_path_factory.mktemp("www")
     archive = official_like_tar(root / "noisy_student_efficientnet-b1.tar.gz")
     server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_port}", sha256_file(archive)
     server.shutdown()
@@ -272,5 +285,5 @@ def test_url_unreachable(tmp_path: Path) -> None:
 
 
 def test_url_must_name_a_tarball(tmp_path: Path) -> None:
-    with pytest.raises(CheckpointError, match="only .tar.gz, .tgz or .tar archives can be downloaded"):
+    with pytest.raises(CheckpointError, match=r"only \.tar\.gz, \.tgz or \.tar archives can be downloaded"):
         resolve_source("http://127.0.0.1:9/model.ckpt.index", tmp_path)

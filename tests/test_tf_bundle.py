@@ -32,7 +32,12 @@ def save_v2(tf, prefix: Path, tensors: dict) -> Path:
     """Write a bundle with the SaveV2 op, as tf.compat.v1.train.Saver does, without building a graph."""
     prefix.parent.mkdir(parents=True, exist_ok=True)
     names = list(tensors)
-    tf.raw_ops.SaveV2(prefix=str(prefix), tensor_names=names, shape_and_slices=[""] * len(names), tensors=list(tensors.values()))
+    tf.raw_ops.SaveV2(
+        prefix=str(prefix),
+        tensor_names=names,
+        shape_and_slices=[""] * len(names),
+        tensors=list(tensors.values()),
+    )
     return prefix
 
 
@@ -40,7 +45,7 @@ def assert_matches_tf(tf, prefix: Path) -> None:
     reader = tf.train.load_checkpoint(str(prefix))
     with TensorBundle(prefix) as bundle:
         assert sorted(bundle.keys()) == sorted(reader.get_variable_to_shape_map())
-        for name in bundle.keys():
+        for name in bundle:
             expected = np.asarray(reader.get_tensor(name))
             actual = bundle.get(name)
             assert actual.dtype == expected.dtype, name
@@ -98,7 +103,14 @@ def sharded(tf, tmp_path_factory) -> Path:
     """Two shards, made as a sharded Saver does: one SaveV2 per device, then MergeV2Checkpoints."""
     prefix = tmp_path_factory.mktemp("sharded") / "model.ckpt"
     parts = [prefix.parent / "model.ckpt_temp" / f"part-{i:05d}-of-00002" for i in range(2)]
-    save_v2(tf, parts[0], {"a/kernel": tf.constant(np.arange(12, dtype=np.float32).reshape(3, 4)), "c": tf.constant(7, tf.int64)})
+    save_v2(
+        tf,
+        parts[0],
+        {
+            "a/kernel": tf.constant(np.arange(12, dtype=np.float32).reshape(3, 4)),
+            "c": tf.constant(7, tf.int64),
+        },
+    )
     save_v2(tf, parts[1], {"b/bias": tf.constant([1.5, -2.5]), "d": tf.zeros([0], tf.int32)})
     tf.raw_ops.MergeV2Checkpoints(checkpoint_prefixes=[str(p) for p in parts], destination_prefix=str(prefix))
     return prefix
@@ -140,7 +152,9 @@ def test_several_shards_identical_to_tf(tf, sharded: Path) -> None:
 def test_partitioned_tensor_refused_others_readable(tf, refusals: Path) -> None:
     with TensorBundle(refusals) as bundle:
         # The slices' own binary keys stay hidden, as in TF's variable map.
-        assert sorted(bundle.keys()) == sorted(tf.train.load_checkpoint(str(refusals)).get_variable_to_shape_map())
+        assert sorted(bundle.keys()) == sorted(
+            tf.train.load_checkpoint(str(refusals)).get_variable_to_shape_map()
+        )
         assert bundle.shape("partitioned") == (4, 2)
         with pytest.raises(CheckpointError, match=r"model\.ckpt\.index: tensor 'partitioned' is partitioned"):
             bundle.get("partitioned")
@@ -148,13 +162,19 @@ def test_partitioned_tensor_refused_others_readable(tf, refusals: Path) -> None:
 
 
 def test_string_tensor_refused(refusals: Path) -> None:
-    with TensorBundle(refusals) as bundle, pytest.raises(CheckpointError, match=r"'text': unsupported dtype 7 \(string\)"):
+    with (
+        TensorBundle(refusals) as bundle,
+        pytest.raises(CheckpointError, match=r"'text': unsupported dtype 7 \(string\)"),
+    ):
         bundle.get("text")
 
 
 def test_bfloat16_without_ml_dtypes(zoo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "ml_dtypes", None)  # makes `import ml_dtypes` fail
-    with TensorBundle(zoo) as bundle, pytest.raises(CheckpointError, match="'bfloat16' is bfloat16.*ml_dtypes"):
+    with (
+        TensorBundle(zoo) as bundle,
+        pytest.raises(CheckpointError, match=r"'bfloat16' is bfloat16, which needs the 'ml_dtypes' package"),
+    ):
         bundle.get("bfloat16")
 
 
@@ -176,7 +196,7 @@ def test_api_on_tiny_fixture() -> None:
         assert first_name == bundle.keys()[0] and np.array_equal(first_value, bundle.get(first_name))
         kernel = bundle.get(name)
         assert kernel.shape == bundle.shape(name) and kernel.flags.writeable
-        with pytest.raises(CheckpointError, match="model.ckpt.index: no tensor named 'nope'"):
+        with pytest.raises(CheckpointError, match=r"model\.ckpt\.index: no tensor named 'nope'"):
             bundle.get("nope")
     # Arrays own their memory: closing the mmaps neither fails (no export held) nor invalidates them.
     assert kernel.sum() == np.frombuffer(kernel.tobytes(), np.float32).sum()
@@ -248,7 +268,9 @@ def test_corrupt_index_byte(tiny: Path, where: str) -> None:
     index = Path(f"{tiny}.index")
     size = index.stat().st_size
     _flip_byte(index, {"first block": 1, "middle": size // 2, "index block": size - 48 - 20}[where])
-    with pytest.raises(CheckpointError, match=r"model\.ckpt\.index: block at offset \d+: CRC32C mismatch \(stored 0x"):
+    with pytest.raises(
+        CheckpointError, match=r"model\.ckpt\.index: block at offset \d+: CRC32C mismatch \(stored 0x"
+    ):
         TensorBundle(tiny)
 
 
@@ -266,7 +288,9 @@ def test_corrupt_tensor_byte(tiny: Path) -> None:
         bundle.get("efficientnet-tiny/stem/conv2d/kernel")  # other tensors are unaffected
 
 
-@pytest.mark.parametrize(("keep", "message"), [(-10, "bad table magic"), (20, "too short for a table footer")])
+@pytest.mark.parametrize(
+    ("keep", "message"), [(-10, "bad table magic"), (20, "too short for a table footer")]
+)
 def test_truncated_index(tiny: Path, keep: int, message: str) -> None:
     index = Path(f"{tiny}.index")
     index.write_bytes(index.read_bytes()[:keep])
@@ -291,7 +315,8 @@ def test_missing_shard(sharded: Path, tmp_path: Path) -> None:
 
 def test_big_endian_refused(tiny: Path) -> None:
     index = Path(f"{tiny}.index")
-    # First entry: shared=0, key length 0, value length 6, BundleHeaderProto{num_shards: 1, version {producer: 1}}.
+    # First entry: shared=0, key length 0, value length 6,
+    # BundleHeaderProto{num_shards: 1, version {producer: 1}}.
     assert index.read_bytes()[:9] == b"\x00\x00\x06\x08\x01\x1a\x02\x08\x01"
     # Same length, still valid: {num_shards: 1, endianness: BIG, version {}}.
     _patch_first_block(index, 3, b"\x08\x01\x10\x01\x1a\x00")
@@ -303,5 +328,7 @@ def test_compressed_block_refused(tiny: Path) -> None:
     index = Path(f"{tiny}.index")
     size = _first_block_size(index.read_bytes())
     _patch_first_block(index, size, b"\x01")  # compression type byte: snappy
-    with pytest.raises(CheckpointError, match=r"block at offset 0: compressed table blocks are not supported"):
+    with pytest.raises(
+        CheckpointError, match=r"block at offset 0: compressed table blocks are not supported"
+    ):
         TensorBundle(tiny)
