@@ -20,7 +20,7 @@ __all__ = ['PretrainedWeightsError', 'create_effnet_v1']
 default_cfgs = generate_default_cfgs({
     **default_cfg_table(),
     # Architecture only (no official weights): any width/depth, e.g. a scaled-down official checkpoint.
-    'effnet_v1': pretrained_cfg('effnet_v1_b0'),
+    'effnet_v1': pretrained_cfg('effnet_v1'),
 })
 
 

@@ -13,6 +13,7 @@ __all__ = ['HUB_ORG', 'OFFICIAL_CKPT_ROOT', 'TagSpec', 'TAGS', 'hub_repo_id', 'p
 
 HUB_ORG = 'effnet-timm'
 OFFICIAL_CKPT_ROOT = 'https://storage.googleapis.com/cloud-tpu-checkpoints/efficientnet'
+GENERIC_RESOLUTION = 224  # the generic `effnet_v1` (any width/depth) has no official size
 
 
 @dataclass(frozen=True)
@@ -72,10 +73,13 @@ def crop_pct_for(size: int) -> float:
     return math.floor(size / (size + 32) * 1000) / 1000
 
 
-def pretrained_cfg(variant: str, tag: Optional[str] = None, **overrides: Any) -> Dict[str, Any]:
+def pretrained_cfg(
+        variant: str, tag: Optional[str] = None, image_size: Optional[int] = None, **overrides: Any,
+) -> Dict[str, Any]:
     """A timm pretrained cfg for `variant.tag` (no tag: the architecture alone, no weights)."""
     spec = TAGS[tag] if tag else None
-    size = (spec.input_size if spec else None) or VARIANTS[variant].resolution
+    native = VARIANTS[variant].resolution if variant in VARIANTS else GENERIC_RESOLUTION
+    size = image_size or (spec.input_size if spec else None) or native
     cfg = dict(
         num_classes=1000,
         input_size=(3, size, size),
