@@ -74,6 +74,8 @@ def read_weights(
         state[slot.key] = torch.from_numpy(to_torch_layout(official[name], slot.layout))
         used.add(source)
     _check_leftovers(bundle, shapes, used, names.values())
+    for name in shapes.keys() - used:
+        bundle.get(name)  # CRC-checks the tensors not converted too: a damaged file is not to be trusted
     return Weights(arch, state, official, ema_used, bundle.global_step)
 
 
@@ -223,10 +225,17 @@ def _write_folder(folder: Path, model: torch.nn.Module, weights: Weights, result
     }
     state = {k: v.contiguous() for k, v in model.state_dict().items() if not k.endswith('num_batches_tracked')}
     save_file(state, str(folder / 'model.safetensors'), metadata=metadata)
+    os.chmod(folder / 'model.safetensors', 0o666 & ~_umask())  # safetensors creates it private
     save_config_for_hf(model, str(folder / 'config.json'), model_args=arch.model_args)
     _add_provenance(folder / 'config.json', metadata, result)
     from .model_card import model_card
     (folder / 'README.md').write_text(model_card(model, metadata, result))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _add_provenance(config_path: Path, metadata: Dict[str, str], result: ConversionResult) -> None:

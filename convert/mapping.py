@@ -121,10 +121,17 @@ def _shape_signature(shapes: Dict[str, Tuple[int, ...]], scope: str) -> Dict[str
             if n.startswith(prefix) and not n.endswith(EMA_SUFFIX) and not n.endswith(RMSPROP_SUFFIXES)}
 
 
+def _num_blocks(signature: Dict[str, Tuple[int, ...]]) -> int:
+    return len({n.split('/')[0] for n in signature if n.startswith('blocks_')})
+
+
 def _layout_matches(signature: Dict[str, Tuple[int, ...]], width: float, depth: float,
                     num_classes: int, bn: str) -> bool:
+    """Every variable of the layout is there with its shape, and there are no further blocks. Other extra
+    variables are left for the converter to report by name."""
     slots = official_layout(width, depth, num_classes, bn)
-    return len(slots) == len(signature) and all(signature.get(s.tf_name) == s.tf_shape for s in slots)
+    return (all(signature.get(s.tf_name) == s.tf_shape for s in slots)
+            and _num_blocks(signature) == sum(s.tf_name.endswith('depthwise_kernel') for s in slots))
 
 
 def _grid(step: float, limit: float = 6.0) -> List[float]:
@@ -137,7 +144,7 @@ def _candidate_scales(signature: Dict[str, Tuple[int, ...]]) -> Iterable[Tuple[f
     coefficients are the simplest ones that rebuild exactly this network."""
     stem = signature.get('stem/conv2d/kernel', (0,) * 4)[-1]
     head = signature.get('head/conv2d/kernel', (0,) * 4)[-1]
-    num_blocks = len({n.split('/')[0] for n in signature if n.startswith('blocks_')})
+    num_blocks = _num_blocks(signature)
     seen = set()
     for step in (0.25, 0.1, 0.05):
         widths = [w for w in _grid(step) if stem_filters(w) == stem and head_filters(w) == head]
@@ -183,7 +190,6 @@ def detect_architecture(shapes: Dict[str, Tuple[int, ...]], variant: Optional[st
 
 
 def _describe(signature: Dict[str, Tuple[int, ...]], scope: str) -> str:
-    blocks = {n.split('/')[0] for n in signature if n.startswith('blocks_')}
     stem = signature.get('stem/conv2d/kernel', (0, 0, 0, '?'))[-1]
     head = signature.get('head/conv2d/kernel', (0, 0, 0, '?'))[-1]
-    return f"scope '{scope}', stem {stem}, head {head}, {len(blocks)} blocks"
+    return f"scope '{scope}', stem {stem}, head {head}, {_num_blocks(signature)} blocks"

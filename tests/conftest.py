@@ -22,6 +22,22 @@ MANIFESTS = OFFICIAL / 'manifests'
 torch.set_num_threads(max(1, os.cpu_count() or 1))
 
 
+@pytest.fixture(scope='session')
+def tf():
+    """TensorFlow, the test oracle (the `test` extra)."""
+    os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+    return pytest.importorskip('tensorflow', reason='TensorFlow (the test oracle) is not installed')
+
+
+def save_v2(tf, prefix: Path, tensors: dict) -> Path:
+    """Write a bundle with the SaveV2 op, as tf.compat.v1.train.Saver does, without building a graph."""
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    names = list(tensors)
+    tf.raw_ops.SaveV2(prefix=str(prefix), tensor_names=names, shape_and_slices=[''] * len(names),
+                      tensors=list(tensors.values()))
+    return prefix
+
+
 def shared_path(*parts: str) -> Path:
     """A file from ../shared, or skip the test with the reason."""
     path = OFFICIAL.joinpath(*parts)

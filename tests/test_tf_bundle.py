@@ -15,30 +15,12 @@ import pytest
 from effnet_convert.errors import CheckpointError
 from effnet_convert.tf_bundle import TensorBundle
 
+from conftest import OFFICIAL, save_v2
+
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY = FIXTURES / "efficientnet-tiny"
-# CI clones the repo next to shared/, so the big fixtures sit at <repo>/../shared.
-B0 = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official" / "efficientnet-b0"
+B0 = OFFICIAL / "efficientnet-b0"
 DATA_SHARD = "model.ckpt.data-00000-of-00001"
-
-
-@pytest.fixture(scope="session")
-def tf():
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    return pytest.importorskip("tensorflow", reason="TensorFlow (the test oracle) is not installed")
-
-
-def save_v2(tf, prefix: Path, tensors: dict) -> Path:
-    """Write a bundle with the SaveV2 op, as tf.compat.v1.train.Saver does, without building a graph."""
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    names = list(tensors)
-    tf.raw_ops.SaveV2(
-        prefix=str(prefix),
-        tensor_names=names,
-        shape_and_slices=[""] * len(names),
-        tensors=list(tensors.values()),
-    )
-    return prefix
 
 
 def assert_matches_tf(tf, prefix: Path) -> None:
