@@ -18,21 +18,22 @@ EfficientNet code, followed by its normalization:
    few levels (up to 12 seen). Reproducing them needs the raw chroma planes, which simplejpeg does
    not expose; on the fixture photos this costs ~0.001 level mean after the resize.
 2. Centre crop of side ``int32(float32(size / (size + crop_padding)) * min(h, w))`` at offsets
-   ``((h - c) + 1) // 2``, ``((w - c) + 1) // 2``. Two conventions for ``crop_padding``:
+   ``((h - c) + 1) // 2``, ``((w - c) + 1) // 2``. Conventions for ``crop_padding``:
 
    * ``'padding32'`` (default): ``CROP_PADDING = 32`` at every size. This is the code behind the
-     published accuracy table (tensorflow/tpu before commit 22d5cab, 2021-11) and what timm's
-     ``crop_pct = size / (size + 32)`` for ``tf_efficientnet_*`` encodes.
+     published accuracy table (tensorflow/tpu before commit 22d5cab, 2021-11), which timm's
+     ``crop_pct`` values for ``tf_efficientnet_*`` approximate to 3 decimals.
    * ``'fraction'``: the current official code, ``CROP_FRACTION = 0.875`` at every size, turned
      into ``crop_padding = round(size * (1 / 0.875 - 1))``: 14 at 96, 32 at 224, 43 at 300.
-
    * ``'crop_pct'``: the padding timm's own eval transform implies for a data config's
      ``crop_pct``: ``floor(size / crop_pct) - size`` (timm resizes to ``floor(size / crop_pct)``
      and centre-crops ``size``).
 
-   32 pixels of padding is ``crop_pct = size / (size + 32)`` (effnet_timm's configs store it cut
-   to 3 decimals, which timm's floor maps back to 32). Either way the crop side is computed TF's
-   way from the padding, never from ``crop_pct`` directly.
+   32 pixels of padding is ``crop_pct = size / (size + 32)``. effnet_timm's configs store that cut
+   to 3 decimals, which timm's floor maps back to 32; timm's own ``tf_efficientnet_b3`` rounds it
+   up to 0.904, which timm turns into 31. :func:`create_tf_transform` warns when the config's
+   ``crop_pct`` and the chosen convention disagree. Either way the crop side is computed TF's way
+   from the padding, never from ``crop_pct`` directly.
 3. Legacy TF1 bicubic resize (``tf.compat.v1.image.resize_bicubic``, ``align_corners=False``,
    ``half_pixel_centers=False``): Keys cubic with a = -0.75, source coordinate ``dst * in / out``,
    4 taps clamped at the edges, weights looked up in TF's 1024-step table, no antialiasing, and
@@ -43,7 +44,9 @@ EfficientNet code, followed by its normalization:
 
 Entry points: :func:`create_tf_transform` (a per-image callable, like ``timm.data.create_transform``)
 and :func:`preprocess_batch` (NCHW float32 batch), both driven by
-``timm.data.resolve_data_config({}, model=model)``.
+``timm.data.resolve_data_config({}, model=model)``. Hand them encoded bytes or paths for the exact
+decode, e.g. ``timm.data.ImageDataset(root, load_bytes=True, transform=create_tf_transform(cfg))``;
+a PIL image has already been decoded by Pillow.
 """
 from __future__ import annotations
 
@@ -64,18 +67,18 @@ except ImportError:  # optional: the Pillow fallback is close but not bit-exact
     simplejpeg = None
 
 __all__ = [
-    "ImageInput",
-    "PUBLISHED_CROP_PADDING",
-    "OFFICIAL_CROP_FRACTION",
-    "decode_image",
-    "tf_crop_padding",
-    "tf_center_crop_window",
-    "bicubic_resize_weights",
-    "resize_bicubic_tf1",
-    "normalize_0_255",
-    "TfEvalTransform",
-    "create_tf_transform",
-    "preprocess_batch",
+    'ImageInput',
+    'PUBLISHED_CROP_PADDING',
+    'OFFICIAL_CROP_FRACTION',
+    'decode_image',
+    'tf_crop_padding',
+    'tf_center_crop_window',
+    'bicubic_resize_weights',
+    'resize_bicubic_tf1',
+    'normalize_0_255',
+    'TfEvalTransform',
+    'create_tf_transform',
+    'preprocess_batch',
 ]
 
 ImageInput = Union[bytes, bytearray, memoryview, str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
@@ -83,9 +86,10 @@ ImageInput = Union[bytes, bytearray, memoryview, str, os.PathLike, Image.Image, 
 PUBLISHED_CROP_PADDING = 32
 OFFICIAL_CROP_FRACTION = 0.875
 
-_JPEG_MAGIC = b"\xff\xd8\xff"
-_DECODERS = ("auto", "simplejpeg", "pillow")
-# TF's bicubic kernel samples its coefficients from a table of this many steps per pixel.
+_JPEG_MAGIC = b'\xff\xd8\xff'
+_DECODERS = ('auto', 'simplejpeg', 'pillow')
+# TF's bicubic kernel looks its coefficients up in a table of this many steps per pixel; the
+# exact kernel would be up to ~0.15 level off when upsampling.
 _TF_TABLE_SIZE = 1024
 _TF_CUBIC_A = -0.75
 
@@ -93,7 +97,7 @@ _TF_CUBIC_A = -0.75
 # ----------------------------------------------------------------------------- decoding
 
 
-def decode_image(image: ImageInput, decoder: str = "auto") -> torch.Tensor:
+def decode_image(image: ImageInput, decoder: str = 'auto') -> torch.Tensor:
     """Decode ``image`` to an RGB uint8 tensor of shape (H, W, 3), the way TF's decoders do.
 
     ``image`` may be encoded bytes, a file path, a PIL image, or a uint8 array/tensor in HWC or
@@ -103,45 +107,47 @@ def decode_image(image: ImageInput, decoder: str = "auto") -> torch.Tensor:
     always go through Pillow, which is lossless for them.
     """
     if decoder not in _DECODERS:
-        raise ValueError(f"decoder must be one of {_DECODERS}, got {decoder!r}")
+        raise ValueError(f'decoder must be one of {_DECODERS}, got {decoder!r}')
     if isinstance(image, (str, os.PathLike)):
-        with open(image, "rb") as f:
+        with open(image, 'rb') as f:
             image = f.read()
     if isinstance(image, (bytes, bytearray, memoryview)):
         rgb = _decode_bytes(bytes(image), decoder)
     elif isinstance(image, Image.Image):
         rgb = _pil_to_rgb(image)
-    elif isinstance(image, (np.ndarray, torch.Tensor)):
-        return _array_to_rgb(torch.as_tensor(image))
+    elif isinstance(image, np.ndarray):
+        return _array_to_rgb(torch.from_numpy(np.array(image)))  # copied: it may be read-only
+    elif isinstance(image, torch.Tensor):
+        return _array_to_rgb(image)
     else:
-        raise TypeError(f"unsupported image type {type(image).__name__}")
+        raise TypeError(f'unsupported image type {type(image).__name__}')
     return torch.from_numpy(np.ascontiguousarray(rgb))
 
 
 def _decode_bytes(data: bytes, decoder: str) -> np.ndarray:
-    if data.startswith(_JPEG_MAGIC) and decoder != "pillow":
+    if data.startswith(_JPEG_MAGIC) and decoder != 'pillow':
         if simplejpeg is not None:
             return _decode_jpeg_simplejpeg(data)
-        if decoder == "simplejpeg":
+        if decoder == 'simplejpeg':
             raise ImportError("decoder='simplejpeg' needs `pip install simplejpeg`")
     with Image.open(io.BytesIO(data)) as img:
         return _pil_to_rgb(img)
 
 
 def _decode_jpeg_simplejpeg(data: bytes) -> np.ndarray:
-    # TF's decode_jpeg defaults: dct_method '' = INTEGER_FAST, fancy_upscaling=True.
-    # strict=False because TF, too, only logs libjpeg's recoverable warnings.
-    options = dict(fastdct=True, fastupsample=False, strict=False)
-    if simplejpeg.decode_jpeg_header(data)[2] in ("CMYK", "YCCK"):
-        cmyk = simplejpeg.decode_jpeg(data, colorspace="CMYK", **options)
+    # TF's decode_jpeg defaults: dct_method '' = INTEGER_FAST, fancy_upscaling=True. simplejpeg's
+    # default strict=True raises on truncated data, as TF does.
+    options = dict(fastdct=True, fastupsample=False)
+    if simplejpeg.decode_jpeg_header(data)[2] in ('CMYK', 'YCCK'):
+        cmyk = simplejpeg.decode_jpeg(data, colorspace='CMYK', **options)
         return _cmyk_to_rgb_tf(cmyk, stored_inverted=_has_adobe_marker(data))
-    return simplejpeg.decode_jpeg(data, colorspace="RGB", **options)
+    return simplejpeg.decode_jpeg(data, colorspace='RGB', **options)
 
 
 def _has_adobe_marker(data: bytes) -> bool:
     # Opening is lazy: Pillow parses the markers without decoding the scan.
     with Image.open(io.BytesIO(data)) as img:
-        return "adobe" in img.info
+        return 'adobe' in img.info
 
 
 def _cmyk_to_rgb_tf(cmyk: np.ndarray, stored_inverted: bool) -> np.ndarray:
@@ -157,29 +163,29 @@ def _cmyk_to_rgb_tf(cmyk: np.ndarray, stored_inverted: bool) -> np.ndarray:
 
 
 def _pil_to_rgb(img: Image.Image) -> np.ndarray:
-    if img.mode == "CMYK":
+    if img.mode == 'CMYK':
         # Pillow always un-inverts CMYK on load ("assume adobe conventions"), so undo that to get
         # the stored samples back before applying TF's formula.
         stored = 255 - np.asarray(img)
-        return _cmyk_to_rgb_tf(stored, stored_inverted="adobe" in img.info)
-    if img.mode.startswith("I;16"):
+        return _cmyk_to_rgb_tf(stored, stored_inverted='adobe' in img.info)
+    if img.mode.startswith('I;16'):
         # TF (libpng strip_16) keeps the high byte; Pillow's convert('RGB') would clip instead.
         gray = (np.asarray(img).astype(np.uint16) >> 8).astype(np.uint8)
         return np.repeat(gray[..., None], 3, axis=-1)
     # Gray is replicated, palettes expanded, alpha dropped without compositing: as TF does.
-    return np.array(img.convert("RGB"))
+    return np.array(img.convert('RGB'))
 
 
 def _array_to_rgb(t: torch.Tensor) -> torch.Tensor:
     if t.dtype != torch.uint8:
-        raise TypeError(f"image arrays must be uint8 (0..255 pixels), got {t.dtype}")
+        raise TypeError(f'image arrays must be uint8 (0..255 pixels), got {t.dtype}')
     if t.ndim == 2:
         t = t[..., None]
     if t.ndim != 3:
-        raise ValueError(f"expected an HW, HWC or CHW image, got shape {tuple(t.shape)}")
+        raise ValueError(f'expected an HW, HWC or CHW image, got shape {tuple(t.shape)}')
     if t.shape[-1] not in (1, 3, 4):
         if t.shape[0] not in (1, 3, 4):
-            raise ValueError(f"cannot tell the channel axis of shape {tuple(t.shape)}")
+            raise ValueError(f'cannot tell the channel axis of shape {tuple(t.shape)}')
         t = t.permute(1, 2, 0)
     if t.shape[-1] == 1:
         t = t.expand(-1, -1, 3)
@@ -189,7 +195,7 @@ def _array_to_rgb(t: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- crop
 
 
-def tf_crop_padding(image_size: int, crop: str | int = "padding32", crop_pct: float | None = None) -> int:
+def tf_crop_padding(image_size: int, crop: str | int = 'padding32', crop_pct: float | None = None) -> int:
     """The ``crop_padding`` of the official code for ``image_size`` under a crop convention.
 
     ``crop`` is ``'padding32'`` (published-table code: 32), ``'fraction'`` (current code:
@@ -197,17 +203,17 @@ def tf_crop_padding(image_size: int, crop: str | int = "padding32", crop_pct: fl
     ``crop_pct``: ``floor(image_size / crop_pct) - image_size``) or an explicit padding in pixels.
     """
     if isinstance(crop, bool):
-        raise TypeError("crop must be a convention name or an int padding, not a bool")
+        raise TypeError('crop must be a convention name or an int padding, not a bool')
     if isinstance(crop, int):
         if crop < 0:
-            raise ValueError(f"crop padding must be >= 0, got {crop}")
+            raise ValueError(f'crop padding must be >= 0, got {crop}')
         return crop
-    if crop == "padding32":
+    if crop == 'padding32':
         return PUBLISHED_CROP_PADDING
-    if crop == "fraction":
+    if crop == 'fraction':
         # Verbatim from the official _decode_and_center_crop (Python round on a float64).
         return round(image_size * (1 / OFFICIAL_CROP_FRACTION - 1))
-    if crop == "crop_pct":
+    if crop == 'crop_pct':
         if crop_pct is None:
             raise ValueError("crop='crop_pct' needs a crop_pct")
         return _padding_from_crop_pct(image_size, crop_pct)
@@ -219,14 +225,16 @@ def _padding_from_crop_pct(image_size: int, crop_pct: float) -> int:
     return math.floor(image_size / crop_pct) - image_size
 
 
-def tf_center_crop_window(height: int, width: int, image_size: int, crop_padding: int) -> tuple[int, int, int, int]:
+def tf_center_crop_window(
+    height: int, width: int, image_size: int, crop_padding: int
+) -> tuple[int, int, int, int]:
     """The official ``crop_window`` ``(offset_h, offset_w, side, side)`` for an image of h x w."""
     # The Python float64 ratio becomes a float32 constant in the graph; the product is float32
     # and tf.cast to int32 truncates.
     ratio = np.float32(image_size / (image_size + crop_padding))
     side = int(ratio * np.float32(min(height, width)))
     if side < 1:
-        raise ValueError(f"image {height}x{width} is too small for a centre crop at size {image_size}")
+        raise ValueError(f'image {height}x{width} is too small for a centre crop at size {image_size}')
     return (height - side + 1) // 2, (width - side + 1) // 2, side, side
 
 
@@ -245,10 +253,8 @@ def bicubic_resize_weights(in_size: int, out_size: int) -> torch.Tensor:
     base = np.floor(src)
     # lrintf rounds half to even, as np.rint does.
     offset = np.rint((src - base) * np.float32(_TF_TABLE_SIZE)).astype(np.int64)
-    taps = np.stack(
-        [table[offset, 1], table[offset, 0], table[_TF_TABLE_SIZE - offset, 0], table[_TF_TABLE_SIZE - offset, 1]],
-        axis=1,
-    )
+    mirrored = _TF_TABLE_SIZE - offset
+    taps = np.stack([table[offset, 1], table[offset, 0], table[mirrored, 0], table[mirrored, 1]], axis=1)
     columns = np.clip(base.astype(np.int64)[:, None] + np.arange(-1, 3), 0, in_size - 1)
     weights = np.zeros((out_size, in_size), dtype=np.float32)
     # Clamped taps hit the same column; TF adds their contributions, so add the weights.
@@ -313,12 +319,12 @@ class TfEvalTransform:
         crop_padding: int,
         mean: Sequence[float] | None,
         std: Sequence[float] | None,
-        decoder: str = "auto",
+        decoder: str = 'auto',
     ) -> None:
         if (mean is None) != (std is None):
-            raise ValueError("give both mean and std, or neither to skip normalization")
+            raise ValueError('give both mean and std, or neither to skip normalization')
         if decoder not in _DECODERS:
-            raise ValueError(f"decoder must be one of {_DECODERS}, got {decoder!r}")
+            raise ValueError(f'decoder must be one of {_DECODERS}, got {decoder!r}')
         self.image_size = image_size
         self.crop_padding = crop_padding
         self.mean = None if mean is None else tuple(mean)
@@ -341,15 +347,15 @@ class TfEvalTransform:
 
     def __repr__(self) -> str:
         return (
-            f"{type(self).__name__}(image_size={self.image_size}, crop_padding={self.crop_padding} "
-            f"(crop_pct={self.crop_pct:.4f}), mean={self.mean}, std={self.std}, decoder={self.decoder!r})"
+            f'{type(self).__name__}(image_size={self.image_size}, crop_padding={self.crop_padding} '
+            f'(crop_pct={self.crop_pct:.4f}), mean={self.mean}, std={self.std}, decoder={self.decoder!r})'
         )
 
 
 def create_tf_transform(
     data_config: Mapping[str, Any],
-    crop: str | int = "padding32",
-    decoder: str = "auto",
+    crop: str | int = 'padding32',
+    decoder: str = 'auto',
     normalize: bool = True,
 ) -> TfEvalTransform:
     """The official TF eval preprocessing for a timm data config.
@@ -360,18 +366,18 @@ def create_tf_transform(
     issued when the config's ``crop_pct``, ``crop_mode`` or ``interpolation`` describe a
     different preprocessing than the one returned. ``normalize=False`` keeps 0..255 pixels.
     """
-    size = _square_size(data_config["input_size"])
-    padding = tf_crop_padding(size, crop, data_config.get("crop_pct"))
+    size = _square_size(data_config['input_size'])
+    padding = tf_crop_padding(size, crop, data_config.get('crop_pct'))
     _warn_on_config_mismatch(data_config, size, padding, crop)
-    mean, std = (data_config["mean"], data_config["std"]) if normalize else (None, None)
+    mean, std = (data_config['mean'], data_config['std']) if normalize else (None, None)
     return TfEvalTransform(size, padding, mean, std, decoder)
 
 
 def preprocess_batch(
     images: Sequence[ImageInput],
     data_config: Mapping[str, Any],
-    crop: str | int = "padding32",
-    decoder: str = "auto",
+    crop: str | int = 'padding32',
+    decoder: str = 'auto',
     normalize: bool = True,
 ) -> torch.Tensor:
     """Preprocess ``images`` with :func:`create_tf_transform` and stack them: (N, 3, S, S) float32."""
@@ -382,22 +388,22 @@ def preprocess_batch(
 def _square_size(input_size: Sequence[int]) -> int:
     height, width = input_size[-2:]
     if height != width:
-        raise ValueError(f"the official preprocessing makes square images; input_size is {tuple(input_size)}")
+        raise ValueError(f'the official preprocessing makes square images; input_size is {tuple(input_size)}')
     return int(height)
 
 
 def _warn_on_config_mismatch(data_config: Mapping[str, Any], size: int, padding: int, crop: str | int) -> None:
-    crop_pct = data_config.get("crop_pct")
+    crop_pct = data_config.get('crop_pct')
     if crop_pct is not None and _padding_from_crop_pct(size, crop_pct) != padding:
         warnings.warn(
-            f"crop={crop!r} crops with crop_padding={padding} (crop_pct {size / (size + padding):.4f}) "
+            f'crop={crop!r} crops with crop_padding={padding} (crop_pct {size / (size + padding):.4f}) '
             f"but the data config's crop_pct={crop_pct} means crop_padding="
             f"{_padding_from_crop_pct(size, crop_pct)} in timm; pass crop='crop_pct' to follow the config.",
             stacklevel=3,
         )
-    if data_config.get("crop_mode", "center") != "center":
+    if data_config.get('crop_mode', 'center') != 'center':
         warnings.warn(f"crop_mode={data_config['crop_mode']!r} ignored: TF crops the centre", stacklevel=3)
-    if data_config.get("interpolation", "bicubic") != "bicubic":
+    if data_config.get('interpolation', 'bicubic') != 'bicubic':
         warnings.warn(
             f"interpolation={data_config['interpolation']!r} ignored: TF resizes with TF1 bicubic", stacklevel=3
         )
