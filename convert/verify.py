@@ -1,6 +1,7 @@
 """`--verify`: the converted model against a TensorFlow computation of the same checkpoint, on photos."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -18,6 +19,7 @@ def verify_against_tensorflow(
         model: torch.nn.Module, weights, images: Optional[Sequence[Path]] = None, rel_tol: float = REL_TOL,
 ) -> Dict[str, object]:
     """Logits of `model` vs TensorFlow's official graph on the same preprocessed photos."""
+    os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
     try:
         import tensorflow  # noqa: F401
     except ImportError:

@@ -259,3 +259,42 @@ def test_random_official_checkpoint_of_the_largest_variants_loads_strictly(tmp_p
     with torch.device('meta'):
         expected = sum(p.numel() for p in timm.create_model(variant).parameters())
     assert result.num_parameters == expected
+
+
+# --- --verify -------------------------------------------------------------------------------------------
+
+def test_cli_verify_passes_on_the_embedded_default(tmp_path, tf):
+    proc = _run_cli('--out', str(tmp_path / 'demo'), '--verify', '--quiet')
+    assert proc.returncode == 0, proc.stderr
+    match = re.search(r'verification\s+PASSED: max \|dlogit\| \S+ \((\S+) of max \|logit\|\), '
+                      r'top-5 identical on 4/4 photos', proc.stdout)
+    assert match and float(match.group(1)) <= 1e-5, proc.stdout
+    config = json.loads((tmp_path / 'demo' / 'config.json').read_text())
+    assert config['effnet_timm']['verification']['passed'] is True
+    assert 'max_rel_diff' in (tmp_path / 'demo' / 'README.md').read_text()
+
+
+def test_verify_fails_a_wrong_model(tmp_path, tf):
+    from effnet_convert.converter import build_model, read_weights
+    from effnet_convert.tf_bundle import TensorBundle
+    from effnet_convert.verify import verify_against_tensorflow
+    with TensorBundle(DEMO_CHECKPOINT / 'model.ckpt') as bundle:
+        weights = read_weights(bundle)
+    model = build_model(weights.architecture, image_size=96)
+    model.load_state_dict(weights.state_dict)
+    assert verify_against_tensorflow(model, weights)['passed']
+    for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        bn.eps = 1e-5  # the classic porting bug
+    report = verify_against_tensorflow(model, weights)
+    assert not report['passed'] and report['max_rel_diff'] > 1e-3
+
+
+def test_verify_without_tensorflow_says_so_and_fails(tmp_path):
+    out = tmp_path / 'out'
+    code = ("import sys; sys.modules['tensorflow'] = None\n"
+            "from effnet_convert.cli import main\n"
+            f"sys.exit(main(['--out', {str(out)!r}, '--verify', '--quiet']))")
+    proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert 'needs TensorFlow' in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not out.exists()
