@@ -18,6 +18,9 @@ FIXTURES = Path(__file__).resolve().parent / 'fixtures'
 SHARED = REPO.parent / 'shared'
 OFFICIAL = SHARED / 'fixtures' / 'official'
 MANIFESTS = OFFICIAL / 'manifests'
+# The scaled-down official checkpoint and the sample photos ship in the package; tests use those copies.
+TINY_CKPT = REPO / 'convert' / 'demo' / 'efficientnet-tiny' / 'model.ckpt'
+SAMPLES = REPO / 'convert' / 'samples'
 
 torch.set_num_threads(max(1, os.cpu_count() or 1))
 

@@ -6,6 +6,8 @@ tests use crop='fraction'.
 """
 from __future__ import annotations
 
+import hashlib
+
 import io
 import json
 import math
@@ -30,9 +32,11 @@ from effnet_timm.preprocessing import (
     tf_crop_padding,
 )
 
+from conftest import OFFICIAL, SAMPLES
+
 TESTS = Path(__file__).resolve().parent
 TINY = TESTS / 'fixtures' / 'efficientnet-tiny'
-B0 = TESTS.parents[1] / 'shared' / 'fixtures' / 'official' / 'efficientnet-b0'
+B0 = OFFICIAL / 'efficientnet-b0'
 FIXTURES = {'tiny': TINY, 'b0': B0}
 
 NO_SIMPLEJPEG = 'simplejpeg is not installed; it is the TF-exact JPEG decoder (pip install simplejpeg)'
@@ -66,7 +70,11 @@ def _config(manifest: dict) -> dict:
 
 
 def _image_paths(folder: Path, manifest: dict) -> list[Path]:
-    return [folder / image['path'] for image in manifest['images']]
+    """The photos the fixture was made from, taken from the package's samples (same bytes, checked)."""
+    paths = [SAMPLES / Path(image['path']).name for image in manifest['images']]
+    for image, path in zip(manifest['images'], paths):
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == image['sha256'], path
+    return paths
 
 
 def _nhwc(x: torch.Tensor) -> np.ndarray:
@@ -214,14 +222,14 @@ def test_timm_image_dataset_with_raw_bytes(tmp_path):
 def test_simplejpeg_decoder_required_when_asked(monkeypatch):
     monkeypatch.setattr(pp, 'simplejpeg', None)
     with pytest.raises(ImportError, match='simplejpeg'):
-        decode_image((TINY.parent / 'images' / 'chelsea.jpg').read_bytes(), decoder='simplejpeg')
+        decode_image((SAMPLES / 'chelsea.jpg').read_bytes(), decoder='simplejpeg')
 
 
 # ----------------------------------------------------------------------------- colour modes
 
 
 def _photo(mode: str) -> Image.Image:
-    rgb = Image.open(TINY.parent / 'images' / 'coffee.jpg').convert('RGB').crop((100, 50, 260, 170))
+    rgb = Image.open(SAMPLES / 'coffee.jpg').convert('RGB').crop((100, 50, 260, 170))
     if mode == 'RGBA':
         image = rgb.convert('RGBA')
         image.putalpha(Image.linear_gradient('L').resize(rgb.size))

@@ -20,7 +20,9 @@ from effnet_convert.errors import CheckpointError
 from effnet_convert.sources import resolve_source, sha256_file
 from effnet_convert.tf_bundle import TensorBundle
 
-TINY = Path(__file__).parent / "fixtures" / "efficientnet-tiny"
+from conftest import TINY_CKPT
+
+TINY = TINY_CKPT.parent
 INDEX, DATA = "model.ckpt.index", "model.ckpt.data-00000-of-00001"
 INNER = "noisy-student-efficientnet-b1"  # the inconsistent inner folder naming of the NoisyStudent tars
 
@@ -164,7 +166,7 @@ def test_archive_with_two_checkpoint_folders(tmp_path: Path) -> None:
 
 
 def test_archive_without_checkpoint(tmp_path: Path) -> None:
-    archive = make_tar(tmp_path / "empty.tar.gz", {"readme.txt": TINY / "manifest.json"})
+    archive = make_tar(tmp_path / "empty.tar.gz", {"readme.txt": TINY / "checkpoint"})
     with pytest.raises(CheckpointError, match=r"empty\.tar\.gz: archive holds no \*\.index file"):
         resolve_source(str(archive), tmp_path / "work")
 

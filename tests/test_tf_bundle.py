@@ -15,10 +15,9 @@ import pytest
 from effnet_convert.errors import CheckpointError
 from effnet_convert.tf_bundle import TensorBundle
 
-from conftest import OFFICIAL, save_v2
+from conftest import OFFICIAL, TINY_CKPT, save_v2
 
 FIXTURES = Path(__file__).parent / "fixtures"
-TINY = FIXTURES / "efficientnet-tiny"
 B0 = OFFICIAL / "efficientnet-b0"
 DATA_SHARD = "model.ckpt.data-00000-of-00001"
 
@@ -41,7 +40,7 @@ def assert_matches_tf(tf, prefix: Path) -> None:
 
 @pytest.mark.parametrize(
     "prefix",
-    [TINY / "model.ckpt", FIXTURES / "efficientnet-tiny-rmsprop" / "model.ckpt", B0 / "model.ckpt"],
+    [TINY_CKPT, FIXTURES / "efficientnet-tiny-rmsprop" / "model.ckpt", B0 / "model.ckpt"],
     ids=["tiny", "tiny-rmsprop", "b0"],
 )
 def test_fixture_identical_to_tf(tf, prefix: Path) -> None:
@@ -165,7 +164,7 @@ def test_bfloat16_without_ml_dtypes(zoo: Path, monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_api_on_tiny_fixture() -> None:
-    with TensorBundle(TINY / "model.ckpt") as bundle:
+    with TensorBundle(TINY_CKPT) as bundle:
         name = "efficientnet-tiny/stem/conv2d/kernel"
         assert name in bundle and "nope" not in bundle
         assert len(bundle) == len(bundle.keys()) == len(list(bundle))
@@ -188,7 +187,7 @@ def test_api_on_tiny_fixture() -> None:
 
 def test_missing_index() -> None:
     with pytest.raises(CheckpointError, match=r"nowhere\.ckpt\.index: no such file"):
-        TensorBundle(TINY / "nowhere.ckpt")
+        TensorBundle(TINY_CKPT.parent / "nowhere.ckpt")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -197,7 +196,7 @@ def test_missing_index() -> None:
 
 @pytest.fixture
 def tiny(tmp_path: Path) -> Path:
-    shutil.copytree(TINY, tmp_path / "tiny")
+    shutil.copytree(TINY_CKPT.parent, tmp_path / "tiny")
     return tmp_path / "tiny" / "model.ckpt"
 
 

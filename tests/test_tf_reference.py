@@ -15,7 +15,7 @@ from effnet_convert import tf_reference
 from effnet_convert.errors import CheckpointError
 from effnet_convert.tf_reference import keras_logits, load_official_variables, tf_graph_logits
 
-from conftest import FIXTURES, OFFICIAL
+from conftest import FIXTURES, OFFICIAL, TINY_CKPT
 
 TINY = FIXTURES / 'efficientnet-tiny'
 B0 = OFFICIAL / 'efficientnet-b0'
@@ -27,9 +27,10 @@ REL_TOL = 1e-5
 @lru_cache(maxsize=None)
 def _official(folder: Path, ema: bool) -> Tuple[Dict[str, np.ndarray], str, np.ndarray, np.ndarray, dict]:
     """(variables, scope, inputs, official logits, manifest params) of a fixture folder, read once."""
-    if not (folder / 'model.ckpt.index').exists():
+    prefix = TINY_CKPT if folder == TINY else folder / 'model.ckpt'
+    if not Path(f'{prefix}.index').exists():
         pytest.skip(f'{folder} is absent (../shared is not beside this checkout)')
-    variables, scope = load_official_variables(folder / 'model.ckpt', ema)
+    variables, scope = load_official_variables(prefix, ema)
     logits = np.load(folder / ('logits_ema.npy' if ema else 'logits_raw.npy'))
     params = json.loads((folder / 'manifest.json').read_text())['params']
     return variables, scope, np.load(folder / 'inputs.npy'), logits, params
@@ -171,4 +172,4 @@ def test_without_tensorflow(monkeypatch) -> None:
     subprocess.run([sys.executable, '-c', script], check=True)
     monkeypatch.setitem(sys.modules, 'tensorflow', None)  # makes `import tensorflow` raise ImportError
     with pytest.raises(RuntimeError, match=r'^--verify needs TensorFlow: pip install "effnet-timm\[test\]"$'):
-        load_official_variables(TINY / 'model.ckpt')
+        load_official_variables(TINY_CKPT)
