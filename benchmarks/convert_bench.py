@@ -20,15 +20,17 @@ B0 = REPO.parent / 'shared' / 'fixtures' / 'official' / 'efficientnet-b0'
 B7_MANIFEST = REPO.parent / 'shared' / 'fixtures' / 'official' / 'manifests' / 'efficientnet-b7.json'
 
 # Run in the child: convert, then report wall time and this process's peak RSS.
+# VmHWM, not ru_maxrss: ru_maxrss survives exec and would include this (large) parent's pages.
 CHILD = r'''
-import json, resource, sys, time
+import json, sys, time
 import effnet_convert.converter as c   # imports torch/timm first (TF before timm crashes in some builds)
 if sys.argv[3] == 'tf':
     import tensorflow
 t = time.perf_counter()
 c.convert(sys.argv[1], sys.argv[2], overwrite=True)
-print(json.dumps(dict(seconds=time.perf_counter() - t,
-                      peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)))
+seconds = time.perf_counter() - t
+hwm_kb = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:'))
+print(json.dumps(dict(seconds=seconds, peak_rss_mb=hwm_kb / 1024)))
 '''
 
 

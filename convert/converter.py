@@ -31,7 +31,7 @@ class Weights:
     """The state dict read from a checkpoint, with the official variables it came from."""
     architecture: Architecture
     state_dict: Dict[str, torch.Tensor]
-    official: Dict[str, np.ndarray]  # '<scope>/<name>' → chosen value in TF layout (for TF references)
+    official: Dict[str, np.ndarray]  # '<scope>/<name>' → chosen value in TF layout, if kept (TF references)
     ema_used: bool
     global_step: Optional[int]
 
@@ -52,7 +52,7 @@ class ConversionResult:
 
 def read_weights(
         bundle: TensorBundle, variant: Optional[str] = None, ema: bool = True,
-        allow_partial_ema: bool = False, progress: bool = False,
+        allow_partial_ema: bool = False, progress: bool = False, keep_official: bool = True,
 ) -> Weights:
     """Fill every tensor of the detected architecture exactly once; anything unexpected is an error."""
     shapes = {name: bundle.shape(name) for name in bundle.keys()}
@@ -70,8 +70,10 @@ def read_weights(
         value = bundle.get(source)
         if value.shape != slot.tf_shape:
             raise CheckpointError(f"{bundle.index_path}: tensor '{source}': shape {value.shape}, expected {slot.tf_shape}")
-        official[name] = value.astype(np.float32, copy=False)
-        state[slot.key] = torch.from_numpy(to_torch_layout(official[name], slot.layout))
+        value = value.astype(np.float32, copy=False)
+        state[slot.key] = torch.from_numpy(to_torch_layout(value, slot.layout))
+        if keep_official:  # a second copy of the weights: only --verify needs it
+            official[name] = value
         used.add(source)
     _check_leftovers(bundle, shapes, used, names.values())
     for name in shapes.keys() - used:
@@ -169,7 +171,7 @@ def convert(
     try:
         resolved = resolve_source(source, work / 'source', sha256)
         with TensorBundle(resolved.prefix) as bundle:
-            weights = read_weights(bundle, variant, ema, allow_partial_ema, progress)
+            weights = read_weights(bundle, variant, ema, allow_partial_ema, progress, keep_official=verify)
         notes = []
         if tag is None:
             tag = guess_tag(resolved.origin)
@@ -178,7 +180,7 @@ def convert(
         if tag is None:
             notes.append('no --tag: ImageNet mean/std assumed (AdvProp checkpoints need --tag ap_in1k)')
         model = build_model(weights.architecture, tag, image_size)
-        model.load_state_dict(weights.state_dict, strict=True)
+        model.load_state_dict(weights.state_dict, strict=True, assign=True)  # adopt the arrays, no copy
         sources = _source_files(resolved)
         verification = None
         if verify:
