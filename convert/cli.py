@@ -6,8 +6,11 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from effnet_timm.pretrained import HUB_ORG
+
 from .converter import ConversionResult, convert
 from .errors import CheckpointError
+from .hub import FamilyRow, HubError, publish_family, push_folder
 
 DEMO_CHECKPOINT = Path(__file__).resolve().parent / 'demo' / 'efficientnet-tiny'
 DEMO_IMAGE_SIZE = 96
@@ -16,7 +19,9 @@ DEMO_IMAGE_SIZE = 96
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='effnet-convert',
-        description='Convert an official tensorflow/tpu EfficientNet checkpoint into safetensors + timm config.')
+        description='Convert an official tensorflow/tpu EfficientNet checkpoint into safetensors + timm config.',
+        epilog='Publishing on the Hugging Face Hub: effnet-convert push FOLDER --help, '
+               'effnet-convert publish-family TARBALL_DIR --help')
     parser.add_argument('source', nargs='?', help='checkpoint directory, prefix, .tar.gz or URL '
                         '(default: the embedded scaled-down official checkpoint, a demo)')
     parser.add_argument('--out', required=True, type=Path, help='output folder (created atomically)')
@@ -37,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in _SUBCOMMANDS:
+        return _SUBCOMMANDS[argv[0]](argv[1:])
     args = _parser().parse_args(argv)
     source, image_size = args.source, args.image_size
     if source is None:
@@ -80,6 +88,73 @@ def summary(result: ConversionResult) -> str:
                               f"pretrained_cfg_overlay=dict(file='{result.out_dir / 'model.safetensors'}'))"))
     width = max(len(k) for k, _ in rows)
     return '\n'.join([f'converted -> {result.out_dir}'] + [f'  {k:<{width}}  {v}' for k, v in rows])
+
+
+def _push_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog='effnet-convert push',
+        description='Publish a converted folder (model.safetensors, config.json, README.md) on the Hugging Face Hub '
+                    'in one commit. The token comes from HF_TOKEN or `hf auth login`.')
+    parser.add_argument('folder', type=Path, help='a folder written by effnet-convert')
+    parser.add_argument('--repo-id', help=f"ORG/NAME (default: the official {HUB_ORG}/<variant>.<tag> of the "
+                        "folder's tag)")
+    parser.add_argument('--private', action='store_true', help='create the repo private (if it does not exist)')
+    parser.add_argument('--revision', help='branch to commit to, created if missing (default: main)')
+    return parser
+
+
+def _push(argv: List[str]) -> int:
+    args = _push_parser().parse_args(argv)
+    try:
+        result = push_folder(args.folder, args.repo_id, private=args.private, revision=args.revision)
+    except (CheckpointError, HubError) as err:
+        print(f'effnet-convert push: error: {err}', file=sys.stderr)
+        return 2 if isinstance(err, CheckpointError) else 1
+    where = f'{result.repo_id}@{result.revision}'
+    print(f'pushed {args.folder} -> {where}, commit {result.commit}' if result.changed
+          else f'up to date: {where} already holds these files (commit {result.commit}); nothing committed')
+    rev = '' if result.revision == 'main' else f'@{result.revision}'
+    print(f"load with: import effnet_timm, timm; timm.create_model('hf-hub:{result.repo_id}{rev}', pretrained=True)")
+    return 0
+
+
+def _family_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog='effnet-convert publish-family',
+        description='Convert and publish every official checkpoint tarball of one family (e.g. efficientnet-b0.tar.gz '
+                    '... for aa_in1k) to ORG/<variant>.<tag>. Running it again resumes: kept conversions are '
+                    'reused and repos that already hold the same files are left alone.')
+    parser.add_argument('tarball_dir', type=Path, help='folder holding the official .tar.gz files')
+    parser.add_argument('--tag', required=True, help='the family: in1k, aa_in1k, ra_in1k, ap_in1k, ns_jft_in1k, '
+                        'ns_jft_in1k_475')
+    parser.add_argument('--org', default=HUB_ORG,
+                        help=f'Hub organization (default: {HUB_ORG}, the one registered tags load from)')
+    parser.add_argument('--out', type=Path, help='where conversions are kept (default: TARBALL_DIR/converted)')
+    parser.add_argument('--private', action='store_true', help='create missing repos private')
+    parser.add_argument('--verify', action='store_true', help='verify each conversion against TensorFlow')
+    parser.add_argument('--quiet', action='store_true', help='no progress bar')
+    return parser
+
+
+def _publish_family(argv: List[str]) -> int:
+    args = _family_parser().parse_args(argv)
+    try:
+        rows = publish_family(args.tarball_dir, args.tag, org=args.org, out_dir=args.out,
+                              private=args.private, verify=args.verify, progress=not args.quiet)
+    except CheckpointError as err:
+        print(f'effnet-convert publish-family: error: {err}', file=sys.stderr)
+        return 2
+    print(_table(rows))
+    return 0 if all(r.status in ('pushed', 'up to date', 'ignored') for r in rows) else 1
+
+
+def _table(rows: List[FamilyRow]) -> str:
+    cells = [('tarball', 'repo', 'status', 'detail')] + [(r.tarball, r.repo_id, r.status, r.detail) for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(3)]  # the last column runs on unpadded
+    return '\n'.join('  '.join([*(c.ljust(w) for c, w in zip(row, widths)), row[3]]) for row in cells)
+
+
+_SUBCOMMANDS = {'push': _push, 'publish-family': _publish_family}
 
 
 if __name__ == '__main__':

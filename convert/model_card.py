@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import json
-from typing import Dict
+from typing import Dict, List, Optional
 
 import torch
 
-from effnet_timm.pretrained import TAGS, hub_repo_id
+from effnet_timm.pretrained import TAGS, hub_repo_id, official_url
 
 
 def model_card(model: torch.nn.Module, metadata: Dict[str, str], result) -> str:
@@ -14,19 +14,9 @@ def model_card(model: torch.nn.Module, metadata: Dict[str, str], result) -> str:
     cfg = model.pretrained_cfg
     family = TAGS[tag] if tag else None
     name = f'{arch.variant}.{tag}' if tag else arch.variant
-    top1 = ''
-    if family and arch.variant in family.variants:
-        top1 = f'{family.official_top1[family.variants.index(arch.variant)]}'
-    load_args = '' if arch.variant != 'effnet_v1' else ', ' + ', '.join(
-        f'{k}={v}' for k, v in arch.model_args.items() if k != 'num_classes')
+    top1 = family.official_top1[family.variants.index(arch.variant)] if family else None
     lines = [
-        '---',
-        'library_name: timm',
-        'license: apache-2.0',
-        'pipeline_tag: image-classification',
-        'tags: [image-classification, timm, effnet-timm, efficientnet]',
-        'datasets: [imagenet-1k]',
-        '---',
+        *_front_matter(name, tag, top1, family.description if family else None, cfg['origin_url']),
         f'# {name}',
         '',
         'EfficientNet (V1) weights converted bit-for-bit from an official tensorflow/tpu checkpoint by '
@@ -36,8 +26,9 @@ def model_card(model: torch.nn.Module, metadata: Dict[str, str], result) -> str:
         '## Model details',
         f'- Architecture: `{arch.variant}` (width {arch.width}, depth {arch.depth}), '
         f'{result.num_parameters:,} parameters, {arch.num_classes} classes',
-        f'- Checkpoint family: {family.description if family else "not given"}'
+        f'- Checkpoint family: {f"`{tag}`, {family.description}" if family else "not given"}'
         + (f'; official top-1 (tensorflow/tpu README): {top1} %' if top1 else ''),
+        *([f'- Official checkpoint: {official_url(arch.variant, tag)}'] if tag else []),
         f'- Weights: {"ExponentialMovingAverage shadows (as the official eval)" if result.ema_used else "raw variables"}'
         f'; TF scope `{arch.scope}`; global_step {metadata["global_step"] or "n/a"}',
         f'- Source: `{metadata["source"]}`',
@@ -51,14 +42,63 @@ def model_card(model: torch.nn.Module, metadata: Dict[str, str], result) -> str:
         '## Usage',
         '```python',
         'import timm, effnet_timm  # importing effnet_timm registers the architecture',
-        f"model = timm.create_model('{arch.variant}', pretrained=True{load_args},",
-        "                          pretrained_cfg_overlay=dict(file='model.safetensors')).eval()",
+        *_usage(name, hub_repo_id(arch.variant, tag) if tag else None),
+        '```',
+        '',
+        '## Verification',
     ]
-    if tag:
-        lines.append(f"# or, once published: timm.create_model('hf-hub:{hub_repo_id(arch.variant, tag)}', pretrained=True)")
-    lines += ['```', '', '## Verification']
     if result.verification:
         lines += ['```json', json.dumps(result.verification, indent=2), '```']
     else:
         lines.append('Not verified against TensorFlow at conversion time (run `effnet-convert ... --verify`).')
     return '\n'.join(lines) + '\n'
+
+
+def _front_matter(name: str, tag: Optional[str], top1: Optional[float], family: Optional[str],
+                  official_readme: str) -> List[str]:
+    """Hub metadata; the official top-1 goes in model-index, the Hub's place for results, citing its source."""
+    lines = [
+        '---',
+        'library_name: timm',
+        'license: apache-2.0',
+        'pipeline_tag: image-classification',
+        f'tags: [image-classification, timm, effnet-timm, efficientnet{", " + tag if tag else ""}]',
+        'datasets: [imagenet-1k]',
+    ]
+    if top1 is not None:
+        q = json.dumps  # a JSON string is a valid YAML scalar, whatever punctuation the description has
+        lines += [
+            'model-index:',
+            f'- name: {name}',
+            '  results:',
+            '  - task:',
+            '      type: image-classification',
+            '    dataset:',
+            '      name: ImageNet-1k',
+            '      type: imagenet-1k',
+            '      split: validation',
+            '    metrics:',
+            '    - name: Top-1 accuracy',
+            '      type: accuracy',
+            f'      value: {top1}',
+            '    source:',
+            f'      name: {q(f"tensorflow/tpu EfficientNet README, {family} checkpoints")}',
+            f'      url: {official_readme}',
+        ]
+    return lines + ['---']
+
+
+def _usage(name: str, repo_id: Optional[str]) -> List[str]:
+    if repo_id:
+        return [
+            f"model = timm.create_model('{name}', pretrained=True).eval()  # weights from {repo_id}",
+            "# the same through this repository's config.json:",
+            f"# model = timm.create_model('hf-hub:{repo_id}', pretrained=True).eval()",
+            '# or from a local copy of this folder:',
+            "# model = timm.create_model('local-dir:PATH/TO/FOLDER', pretrained=True).eval()",
+        ]
+    return [
+        "model = timm.create_model('hf-hub:ORG/NAME', pretrained=True).eval()  # ORG/NAME: the repository of this card",
+        '# or from a local copy of this folder:',
+        "# model = timm.create_model('local-dir:PATH/TO/FOLDER', pretrained=True).eval()",
+    ]
