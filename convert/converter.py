@@ -221,7 +221,7 @@ def _write_folder(folder: Path, model: torch.nn.Module, weights: Weights, result
         'ema': str(weights.ema_used).lower(),
         'tf_scope': arch.scope,
         'global_step': '' if weights.global_step is None else str(weights.global_step),
-        'source': resolved.origin,
+        'source': _public_source(resolved.origin),
         'source_files': json.dumps(result.sources),
         'converter': f'effnet-timm {CONVERTER_VERSION}',
     }
@@ -232,6 +232,11 @@ def _write_folder(folder: Path, model: torch.nn.Module, weights: Weights, result
     _add_provenance(folder / 'config.json', metadata, result)
     from .model_card import model_card
     (folder / 'README.md').write_text(model_card(model, metadata, result))
+
+
+def _public_source(origin: str) -> str:
+    """The source as it may be published: a URL as given, a local path by its name only."""
+    return origin if '://' in origin else Path(origin.rstrip('/')).name
 
 
 def _umask() -> int:

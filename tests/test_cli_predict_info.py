@@ -1,0 +1,237 @@
+"""`effnet-timm predict` and `effnet-timm info` end to end, on converted official checkpoints; output is parsed."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import numpy as np
+import pytest
+import timm
+import torch
+from timm.data import ImageNetInfo
+from torch.utils.flop_counter import FlopCounterMode
+
+import effnet_timm  # noqa: F401  (registers the models)
+from effnet_convert.converter import convert
+from effnet_timm.cli import main
+from effnet_timm.complexity import count_params_and_macs
+
+from conftest import FIXTURES, REPO, SAMPLES, load_manifest, shared_path
+
+DEMO = REPO / 'convert' / 'demo' / 'efficientnet-tiny'
+TINY = FIXTURES / 'efficientnet-tiny'
+PHOTOS = sorted(SAMPLES.glob('*.jpg'))  # not the fixtures' order: results must be matched by name
+ROW = re.compile(r'^  (\d+)\s+([0-9.]+)\s+(\d+)\s+(.*)$')
+TIMM_LINE = re.compile(r'^  timm eval transform .*\|dx\| mean ([0-9.]+) max ([0-9.]+); (.*)$')
+
+
+@pytest.fixture(scope='module')
+def tiny_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp('cli') / 'tiny'
+    convert(str(DEMO), out, image_size=96)
+    return out
+
+
+@pytest.fixture(scope='module')
+def b0_dir(tmp_path_factory) -> Path:
+    source = shared_path('efficientnet-b0')
+    out = tmp_path_factory.mktemp('cli') / 'b0'
+    convert(str(source), out)
+    return out
+
+
+def _cli(capsys, *args: str) -> Tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _parse_table(text: str) -> Dict[str, List[Tuple[int, float, str]]]:
+    """image stem -> [(class index, probability, name)] in rank order, from the text output."""
+    results: Dict[str, List[Tuple[int, float, str]]] = {}
+    current = None
+    for line in text.splitlines():
+        if line.endswith('.jpg') and not line.startswith(' '):
+            current = results.setdefault(Path(line).stem, [])
+        elif current is not None and (match := ROW.match(line)):
+            rank, prob, index, name = match.groups()
+            assert int(rank) == len(current) + 1
+            current.append((int(index), float(prob), name))
+    return results
+
+
+def _official(fixture: Path) -> Dict[str, np.ndarray]:
+    """image name -> official EMA logits, in the fixture's photo order."""
+    logits = np.load(fixture / 'logits_ema.npy')
+    return {image['name']: row for image, row in zip(load_manifest(fixture / 'manifest.json')['images'], logits)}
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits.astype(np.float64) - logits.max())
+    return e / e.sum()
+
+
+def _top5(logits: np.ndarray) -> List[int]:
+    return np.argsort(-logits, kind='stable')[:5].tolist()
+
+
+def test_predict_on_converted_demo_gives_the_official_top5_and_probabilities(capsys, tiny_dir):
+    # The fixture was made by the current official code: crop fraction 0.875 at 96 px.
+    code, out, err = _cli(capsys, 'predict', *PHOTOS, '--weights', tiny_dir, '--crop', 'fraction')
+    assert code == 0, err
+    assert 'effnet_v1 ' in out and '14 px padding (fraction' in out
+    predictions = _parse_table(out)
+    official = _official(TINY)
+    assert sorted(predictions) == sorted(official)
+    names = ImageNetInfo()
+    for image, logits in official.items():
+        rows = predictions[image]
+        assert [index for index, _, _ in rows] == _top5(logits), image
+        assert [name for _, _, name in rows] == [names.index_to_description(i) for i in _top5(logits)]
+        np.testing.assert_allclose([p for _, p, _ in rows], _softmax(logits)[_top5(logits)], atol=1e-3)
+    # The label map is the standard ImageNet-1k order (no off-by-one background class).
+    assert predictions['chelsea'][0][0] == 401 and predictions['chelsea'][0][2].startswith('accordion')
+
+
+def test_predict_b0_weights_file_at_224_gives_the_official_top5(capsys, b0_dir):
+    code, out, err = _cli(capsys, 'predict', *PHOTOS, '--weights', b0_dir / 'model.safetensors',
+                          '--model', 'effnet_v1_b0', '--json')
+    assert code == 0, err
+    result = json.loads(out)
+    assert result['preprocessing']['input_size'] == 224 and result['preprocessing']['crop_padding'] == 32
+    official = _official(shared_path('efficientnet-b0'))
+    by_image = {Path(entry['image']).stem: entry['top'] for entry in result['images']}
+    assert sorted(by_image) == sorted(official)
+    for image, logits in official.items():
+        assert [row['index'] for row in by_image[image]] == _top5(logits), image
+        np.testing.assert_allclose([row['probability'] for row in by_image[image]],
+                                   _softmax(logits)[_top5(logits)], atol=1e-3)
+
+
+def test_tag_overrides_the_preprocessing_of_a_folder(capsys, b0_dir):
+    code, out, err = _cli(capsys, 'predict', PHOTOS[0], '--weights', b0_dir, '--model', 'effnet_v1_b0.ap_in1k',
+                          '--json')
+    assert code == 0, err
+    result = json.loads(out)
+    assert result['model']['name'] == 'effnet_v1_b0.ap_in1k'
+    assert result['preprocessing']['mean'] == result['preprocessing']['std'] == [0.5, 0.5, 0.5]
+
+
+def test_compare_timm_preprocessing_reports_the_input_difference(capsys, tiny_dir):
+    code, out, err = _cli(capsys, 'predict', PHOTOS[0], '--weights', tiny_dir, '--compare-timm-preprocessing')
+    assert code == 0, err
+    lines = [m for line in out.splitlines() if (m := TIMM_LINE.match(line))]
+    assert len(lines) == 1
+    mean_diff, max_diff, verdict = float(lines[0].group(1)), float(lines[0].group(2)), lines[0].group(3)
+    # PIL's antialiased resize then crop is not TF1 bicubic of a crop: the inputs must differ.
+    assert 0 < mean_diff < max_diff
+    top1, top5 = r'top-1 (same|changed to \d+ \(.*\))', r'top-5 (same|reordered|changed \([0-4]/5 shared\))'
+    assert re.fullmatch(f'{top1}; {top5}', verdict), verdict
+
+
+def test_compare_timm_json_matches_timm_run_directly(capsys, tiny_dir):
+    code, out, err = _cli(capsys, 'predict', PHOTOS[0], '--weights', tiny_dir, '--compare-timm-preprocessing',
+                          '--json')
+    assert code == 0, err
+    reported = json.loads(out)['images'][0]['timm_preprocessing']
+    model = timm.create_model(f'local-dir:{tiny_dir}', pretrained=True).eval()
+    transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
+    from PIL import Image
+    with Image.open(PHOTOS[0]) as img, torch.inference_mode():
+        probs = model(transform(img.convert('RGB'))[None]).softmax(-1)[0]
+    assert [row['index'] for row in reported['top']] == probs.topk(5).indices.tolist()
+    assert reported['max_abs_diff'] > reported['mean_abs_diff'] > 0
+
+
+@pytest.mark.parametrize('case', ['missing image', 'not an image', 'unknown model', 'folder of another model'])
+def test_bad_input_is_one_line_and_exit_2(capsys, tiny_dir, tmp_path, case):
+    text_file = tmp_path / 'notes.jpg'
+    text_file.write_text('not a photo')
+    args = {
+        'missing image': ('predict', tmp_path / 'absent.jpg', '--weights', tiny_dir),
+        'not an image': ('predict', text_file, '--weights', tiny_dir),
+        'unknown model': ('predict', PHOTOS[0], '--model', 'effnet_v1_b9'),
+        'folder of another model': ('predict', PHOTOS[0], '--weights', tiny_dir, '--model', 'effnet_v1_b0'),
+    }[case]
+    code, out, err = _cli(capsys, *args)
+    assert code == 2 and out == ''
+    assert len(err.splitlines()) == 1 and err.startswith('effnet-timm: error: ')
+    expected = {'missing image': 'absent.jpg: cannot read image', 'not an image': 'notes.jpg: cannot decode image',
+                'unknown model': "unknown model 'effnet_v1_b9'",
+                'folder of another model': 'holds effnet_v1, not effnet_v1_b0'}[case]
+    assert expected in err
+
+
+def test_predict_without_available_weights_prints_the_pretrained_error(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, '-m', 'effnet_timm.cli', 'predict', str(PHOTOS[0]), '--model', 'effnet_v1_b0.aa_in1k'],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, 'HF_HUB_OFFLINE': '1', 'HF_HUB_CACHE': str(tmp_path / 'empty')})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stdout == ''
+    [line] = proc.stderr.splitlines()
+    assert line.startswith('effnet-timm: error: effnet_v1_b0.aa_in1k: could not load pretrained weights')
+    assert f'{effnet_timm.HUB_ORG}/effnet_v1_b0.aa_in1k' in line and 'effnet-convert' in line
+
+
+@pytest.fixture(scope='module')
+def info_rows() -> Dict[str, Dict[str, str]]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(['info']) == 0
+    header, *lines = out.getvalue().splitlines()
+    assert header.split()[:6] == ['model', 'params', 'GMACs', 'input', 'crop_pct', 'mean/std']
+    rows = {}
+    for line in lines:
+        if match := re.match(r'^(effnet_v1\S*)\s+([\d,]+)\s+([\d.]+)\s+(\d+)\s+([\d.]+)\s+(\S+)\s+(.*)$', line):
+            rows[match.group(1)] = dict(zip(('params', 'gmacs', 'input', 'crop_pct', 'mean_std', 'tags'),
+                                            match.groups()[1:]))
+    return rows
+
+
+def test_info_lists_every_registered_variant(info_rows):
+    assert sorted(info_rows) == sorted(timm.list_models('effnet_v1*'))
+    assert info_rows['effnet_v1_b0']['tags'] == 'ns_jft_in1k, ap_in1k*, aa_in1k, in1k'
+    assert info_rows['effnet_v1_b3']['input'] == '300' and info_rows['effnet_v1_b3']['crop_pct'] == '0.903'
+    assert info_rows['effnet_v1']['tags'] == 'none'
+
+
+def test_info_b0_params_and_gmacs_match_published_numbers(info_rows):
+    b0 = info_rows['effnet_v1_b0']
+    params = int(b0['params'].replace(',', ''))
+    assert params == 5_288_548 == sum(p.numel() for p in timm.create_model('effnet_v1_b0').parameters())
+    # timm's table: 0.39 GMACs for tf_efficientnet_b0; torchvision: 0.39 GFLOPS (MACs) for efficientnet_b0.
+    assert 0.38 <= float(b0['gmacs']) <= 0.40 and round(float(b0['gmacs']), 2) == 0.39
+    assert b0['input'] == '224' and b0['mean_std'] == 'imagenet'
+
+
+def test_info_l2_is_counted_on_the_meta_device(info_rows):
+    l2 = info_rows['effnet_v1_l2']
+    assert f"{int(l2['params'].replace(',', '')) / 1e6:.2f}M" == '480.31M'
+    assert l2['input'] == '800' and l2['tags'] == 'ns_jft_in1k_475@475, ns_jft_in1k'
+    assert float(l2['gmacs']) > 400
+
+
+def test_meta_device_count_equals_a_real_forward():
+    params, macs = count_params_and_macs('effnet_v1_b0', 64)
+    model = timm.create_model('effnet_v1_b0').eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.randn(1, 3, 64, 64))
+    assert macs * 2 == counter.get_total_flops() and params == sum(p.numel() for p in model.parameters())
+
+
+def test_info_one_tag_json(capsys):
+    code, out, err = _cli(capsys, 'info', 'effnet_v1_b0.ap_in1k', '--json')
+    assert code == 0, err
+    [row] = json.loads(out)
+    assert row['model'] == 'effnet_v1_b0.ap_in1k' and row['params'] == 5_288_548
+    assert row['mean'] == row['std'] == [0.5, 0.5, 0.5]
+    assert [t['tag'] for t in row['tags']] == ['ap_in1k']
