@@ -5,6 +5,7 @@ with timm, so `timm.create_model('effnet_v1_b0', ...)` works afterwards.
 """
 from .config import VARIANTS, BlockConfig, block_table, round_filters, round_repeats
 from .effnet_v1 import PretrainedWeightsError, create_effnet_v1
+from .fusion import fuse
 from .model import EffNetV1
 from .pretrained import HUB_ORG, TAGS
 

@@ -8,14 +8,14 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import BatchNormAct2d, create_classifier
+from timm.layers import create_classifier
 from timm.models._efficientnet_builder import efficientnet_init_weights
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
 from .blocks import create_block
 from .config import BlockConfig, block_table, head_filters, stem_filters
-from .layers import create_conv
+from .layers import BatchNormSwish2d, create_conv
 
 __all__ = ['EffNetV1', 'BN_EPS_TF', 'BN_MOMENTUM_TF']
 
@@ -54,7 +54,7 @@ class EffNetV1(nn.Module):
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
         act_layer = nn.SiLU  # Swish
-        norm_act = partial(BatchNormAct2d, eps=bn_eps, momentum=bn_momentum, act_layer=act_layer)
+        norm_act = partial(BatchNormSwish2d, eps=bn_eps, momentum=bn_momentum)
 
         self.block_cfgs: List[BlockConfig] = block_table(width_coefficient, depth_coefficient, depth_divisor)
         stem_chs = stem_filters(width_coefficient, depth_divisor)

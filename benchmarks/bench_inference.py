@@ -1,0 +1,301 @@
+"""Inference speed, training-step cost and compile time: effnet_v1 vs timm's and torchvision's EfficientNets.
+
+    python benchmarks/bench_inference.py [--json] [--threads 1] [--repeats 6] [--inductor]
+
+Three tables, fp32 on CPU:
+1. img/s (median over interleaved runs, same input) of our `effnet_v1_bN`, timm `tf_efficientnet_bN`
+   (same TF numerics), timm `efficientnet_bN` (symmetric padding: the speed ceiling) and torchvision's,
+   for B0 and B3, in eager NCHW, eager channels_last, our fused mode (channels_last) and, with
+   `--inductor`, torch.compile (B0). Ratios are to timm `tf_efficientnet_bN` in the same memory format;
+   max |dlogit| is to our eager NCHW logits (the timm models get our weights: same state-dict keys).
+2. One training step (forward + backward + SGD) in a fresh subprocess per model: step time and peak
+   RSS, plus the RSS the step added over the process after set-up (imports and model are ~0.4 GB).
+3. torch.compile(fullgraph=True) time at a first and a second input size (backend 'eager': Dynamo
+   capture and dynamic-shape reasoning, which is where the TF padding formula costs), one subprocess
+   per model with a time limit.
+
+Threads default to 1: on a shared 2-core machine two OpenMP threads wait on each other whenever the
+other core is busy, which measured 4-5x slower and far noisier than one thread.
+Inductor (`--inductor`, B0 only) compiles B0 in ~2 minutes per model on such a machine, so it is opt-in.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import timm
+import torch
+import torchvision
+
+import effnet_timm  # noqa: F401  (registers effnet_v1_*)
+from effnet_timm.fusion import fuse
+
+VARIANTS = (('b0', 8, 224), ('b3', 2, 300))  # (variant, batch, size)
+TRAIN = ('b0', 8, 224)
+COMPILE_SIZES = (128, 160)
+COMPILE_TIMEOUT_S = 60
+CHANNELS_LAST = torch.channels_last
+
+
+@dataclass
+class Row:
+    variant: str
+    model: str
+    mode: str
+    batch: int
+    size: int
+    times: List[float] = field(default_factory=list)
+    img_s: float = 0.
+    ratio_to_timm_tf: Optional[float] = None
+    max_abs_dlogit: Optional[float] = None
+    reference_max_abs_logit: float = 0.
+
+
+def _names(variant: str) -> Dict[str, str]:
+    return {
+        'ours': f'effnet_v1_{variant}',
+        'timm_tf': f'tf_efficientnet_{variant}',
+        'timm_sym': f'efficientnet_{variant}',
+        'torchvision': f'torchvision efficientnet_{variant}',
+    }
+
+
+def _trained_like_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random weights with non-trivial BatchNorm statistics, so logits are O(1-10) and differences show."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5, generator=g)
+                m.bias.normal_(0, 0.25, generator=g)
+                m.running_mean.normal_(0, 0.1, generator=g)
+                m.running_var.uniform_(0.5, 2.0, generator=g)
+            elif isinstance(m, torch.nn.Linear):
+                m.weight.normal_(0, 3 / m.in_features ** 0.5, generator=g)
+    return model
+
+
+def _models(variant: str) -> Dict[str, torch.nn.Module]:
+    names = _names(variant)
+    ours = _trained_like_(timm.create_model(names['ours'])).eval()
+    models = {'ours': ours}
+    for key in ('timm_tf', 'timm_sym'):
+        models[key] = timm.create_model(names[key]).eval()
+        models[key].load_state_dict(ours.state_dict())
+    models['torchvision'] = getattr(torchvision.models, f'efficientnet_{variant}')().eval()
+    return models
+
+
+def _channels_last_copy(model: torch.nn.Module) -> torch.nn.Module:
+    return copy.deepcopy(model).to(memory_format=CHANNELS_LAST)
+
+
+def _compiled(model: torch.nn.Module) -> Callable:
+    return torch.compile(model, fullgraph=True)
+
+
+def bench_inference(repeats: int, inductor: bool) -> List[Row]:
+    rows: List[Row] = []
+    for variant, batch, size in VARIANTS:
+        models = _models(variant)
+        x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
+        x_cl = x.contiguous(memory_format=CHANNELS_LAST)
+        runs: Dict[tuple, tuple] = {}
+        for key, model in models.items():
+            runs[(key, 'eager NCHW')] = (model, x)
+            runs[(key, 'eager channels_last')] = (_channels_last_copy(model), x_cl)
+        runs[('ours', 'fused channels_last')] = (fuse(models['ours']).to(memory_format=CHANNELS_LAST), x_cl)
+        if inductor and variant == 'b0':
+            for key in ('ours', 'timm_tf', 'timm_sym'):
+                runs[(key, 'compiled channels_last')] = (_compiled(runs[(key, 'eager channels_last')][0]), x_cl)
+        rows += _time_interleaved(variant, batch, size, runs, repeats)
+    return rows
+
+
+def _time_interleaved(variant: str, batch: int, size: int, runs: Dict[tuple, tuple], repeats: int) -> List[Row]:
+    names = _names(variant)
+    rows = {k: Row(variant, names[k[0]], k[1], batch, size) for k in runs}
+    outputs = {}
+    with torch.inference_mode():
+        for key, (model, inp) in runs.items():  # warm-up (and compile), and the logits
+            outputs[key] = model(inp).float()
+        for _ in range(repeats):
+            for key, (model, inp) in runs.items():
+                start = time.perf_counter()
+                model(inp)
+                rows[key].times.append(time.perf_counter() - start)
+    reference = outputs[('ours', 'eager NCHW')]
+    for key, row in rows.items():
+        row.reference_max_abs_logit = reference.abs().max().item()
+        row.img_s = batch / statistics.median(row.times)
+        if key[0] != 'torchvision':  # torchvision has its own weights
+            row.max_abs_dlogit = (outputs[key] - reference).abs().max().item()
+        base_mode = 'eager NCHW' if key[1] == 'eager NCHW' else 'eager channels_last'
+        base = rows.get(('timm_tf', key[1])) or rows[('timm_tf', base_mode)]
+        row.ratio_to_timm_tf = row.img_s / (batch / statistics.median(base.times))
+    return list(rows.values())
+
+
+# --- training step, one fresh process per model ------------------------------------------------------
+
+TRAIN_CHILD = r'''
+import json, re, statistics, sys, time
+import torch, timm
+import effnet_timm
+from effnet_timm.layers import BatchNormSwish2d
+name, batch, size, threads, option = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+torch.set_num_threads(threads)
+torch.manual_seed(0)
+model = timm.create_model(name, drop_rate=0.2, drop_path_rate=0.2).train()
+if option == 'checkpointing':
+    model.set_grad_checkpointing()
+if option == 'plain_autograd':
+    for m in model.modules():
+        if isinstance(m, BatchNormSwish2d):
+            m.memory_efficient = False
+opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+x, y = torch.randn(batch, 3, size, size), torch.randint(0, 1000, (batch,))
+
+def kib(key):
+    return int(re.search(key + r':\s+(\d+)', open('/proc/self/status').read()).group(1)) * 1024
+
+setup, setup_peak = kib('VmRSS'), kib('VmHWM')  # per address space (ru_maxrss counts the parent's)
+open('/proc/self/clear_refs', 'w').write('5')  # restart VmHWM: the peak of the steps alone
+times = []
+for step in range(3):
+    start = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    times.append(time.perf_counter() - start)
+steps_peak = kib('VmHWM')
+print(json.dumps(dict(step_s=statistics.median(times[1:]), process_peak=max(setup_peak, steps_peak),
+                      setup_rss=setup, step_peak=steps_peak - setup)))
+'''
+
+
+def bench_training(threads: int) -> List[dict]:
+    """Each config under glibc's default malloc (what users get: freed heap memory stays resident, so
+    RSS overstates live tensors) and with a 128 KiB mmap threshold (every tensor is its own mapping,
+    returned on free: RSS follows live tensors). Step time is taken from the default-malloc runs."""
+    variant, batch, size = TRAIN
+    names = _names(variant)
+    configs = [('ours', 'default'), ('ours', 'checkpointing'), ('ours', 'plain_autograd'), ('timm_tf', 'default')]
+    rows = []
+    for malloc, env in (('default', {}), ('mmap 128K', {'MALLOC_MMAP_THRESHOLD_': '131072'})):
+        for key, option in configs:
+            out = subprocess.run(
+                [sys.executable, '-c', TRAIN_CHILD, names[key], str(batch), str(size), str(threads), option],
+                capture_output=True, text=True, check=True, env=dict(os.environ, **env))
+            rows.append(dict(model=names[key], option=option, malloc=malloc, batch=batch, size=size,
+                             **json.loads(out.stdout.strip().splitlines()[-1])))
+    for r in rows:
+        ref = next(t for t in rows if t['model'] == names['timm_tf'] and t['malloc'] == r['malloc'])
+        r['step_ratio'] = r['step_s'] / ref['step_s']
+        r['process_peak_ratio'] = r['process_peak'] / ref['process_peak']
+        r['step_peak_ratio'] = r['step_peak'] / ref['step_peak']
+    return rows
+
+
+# --- compile time, one fresh process per model --------------------------------------------------------
+
+COMPILE_CHILD = r'''
+import json, sys, time
+import torch, timm
+import effnet_timm
+name, sizes = sys.argv[1], [int(s) for s in sys.argv[2].split(',')]
+model = timm.create_model(name).eval()
+compiled = torch.compile(model, fullgraph=True, backend='eager')
+for size in sizes:
+    start = time.perf_counter()
+    with torch.inference_mode():
+        compiled(torch.randn(1, 3, size, size))
+    print(json.dumps(dict(size=size, seconds=time.perf_counter() - start)), flush=True)
+'''
+
+
+def bench_compile(threads: int) -> List[dict]:
+    rows = []
+    for key, name in list(_names('b0').items())[:3]:
+        try:
+            out = subprocess.run(
+                [sys.executable, '-c', COMPILE_CHILD, name, ','.join(map(str, COMPILE_SIZES))],
+                capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S,
+                env=_env_with_threads(threads))
+            stdout = out.stdout
+        except subprocess.TimeoutExpired as err:
+            stdout = err.stdout.decode() if isinstance(err.stdout, bytes) else (err.stdout or '')
+        done = {r['size']: r['seconds'] for r in map(json.loads, stdout.strip().splitlines())}
+        rows.append(dict(model=name, **{f'{s}px_s': done.get(s) for s in COMPILE_SIZES}))
+    return rows
+
+
+def _env_with_threads(threads: int) -> dict:
+    return dict(os.environ, OMP_NUM_THREADS=str(threads))
+
+
+# --- printing ---------------------------------------------------------------------------------------
+
+def _fmt(value: Optional[float], spec: str, missing: str = 'n/a') -> str:
+    return missing if value is None else format(value, spec)
+
+
+def print_tables(inference: List[Row], training: List[dict], compile_rows: List[dict], threads: int) -> None:
+    print(f'torch {torch.__version__}, timm {timm.__version__}, torchvision {torchvision.__version__}, '
+          f'{threads} thread(s), fp32 CPU\n')
+    print(f'{"variant":7} {"model":34} {"mode":24} {"batch":>5} {"size":>4} {"img/s":>7} '
+          f'{"vs tf_":>7} {"max|dlogit|":>11}')
+    scales = {r.variant: r.reference_max_abs_logit for r in inference}
+    print('max |dlogit| is to our eager NCHW logits, whose max |logit| is '
+          + ', '.join(f'{v:.1f} ({k})' for k, v in scales.items()))
+    for r in inference:
+        print(f'{r.variant:7} {r.model:34} {r.mode:24} {r.batch:5d} {r.size:4d} {r.img_s:7.2f} '
+              f'{_fmt(r.ratio_to_timm_tf, "7.3f")} {_fmt(r.max_abs_dlogit, "11.2e")}')
+    variant, batch, size = TRAIN
+    print(f'\nTraining step ({variant}, batch {batch}, {size} px, forward + backward + SGD)')
+    print('(process peak: peak RSS of the whole subprocess, imports and set-up included; '
+          'step peak: peak RSS of the steps above the RSS before them; step time from default malloc)')
+    print(f'{"model":24} {"option":15} {"malloc":10} {"step s":>7} {"vs tf_":>7} {"process peak MB":>15} '
+          f'{"vs tf_":>7} {"step peak MB":>12} {"vs tf_":>7}')
+    for r in training:
+        step = f'{r["step_s"]:7.2f} {r["step_ratio"]:7.3f}' if r['malloc'] == 'default' else f'{"-":>7} {"-":>7}'
+        print(f'{r["model"]:24} {r["option"]:15} {r["malloc"]:10} {step} '
+              f'{r["process_peak"] / 2**20:15.0f} {r["process_peak_ratio"]:7.3f} '
+              f'{r["step_peak"] / 2**20:12.0f} {r["step_peak_ratio"]:7.3f}')
+    print(f'\ntorch.compile(fullgraph=True, backend="eager") time, batch 1 (limit {COMPILE_TIMEOUT_S} s per model)')
+    print(f'{"model":24} ' + ' '.join(f'{f"{s} px s":>9}' for s in COMPILE_SIZES))
+    for r in compile_rows:
+        print(f'{r["model"]:24} ' + ' '.join(
+            f'{_fmt(r[f"{s}px_s"], "9.1f", missing=f">{COMPILE_TIMEOUT_S}s".rjust(9))}' for s in COMPILE_SIZES))
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--json', action='store_true', help='print one JSON document instead of tables')
+    parser.add_argument('--threads', type=int, default=1)
+    parser.add_argument('--repeats', type=int, default=8, help='timed runs per model and mode')
+    parser.add_argument('--inductor', action='store_true', help='add torch.compile (inductor) rows (slow)')
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    inference = bench_inference(args.repeats, args.inductor)
+    training = bench_training(args.threads)
+    compile_rows = bench_compile(args.threads)
+    if args.json:
+        print(json.dumps(dict(threads=args.threads, inference=[asdict(r) for r in inference],
+                              training=training, compile=compile_rows), indent=1))
+    else:
+        print_tables(inference, training, compile_rows, args.threads)
+        print(f'\n({time.perf_counter() - start:.0f} s)')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,119 @@
+"""Fused inference: every BatchNorm folded into its conv, Swish applied by the conv kernel.
+
+    from effnet_timm.fusion import fuse
+    model = fuse(timm.create_model('effnet_v1_b0', pretrained=True))
+    model = model.to(memory_format=torch.channels_last)   # fastest on CPU
+
+The result is the same `EffNetV1` (forward, forward_features, forward_head, forward_intermediates,
+reset_classifier, feature_info) with BatchNorm-free blocks; it is for inference only (no BatchNorm
+left to train, and the fused CPU kernel has no autograd). Folding changes only float rounding:
+logits agree with the unfused model to ~2e-6 relative (below 1e-4 absolute for logits up to ~50).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Tuple, TypeVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .blocks import DepthwiseSeparable, InvertedResidual
+from .layers import Conv2dTfSame
+from .model import EffNetV1
+
+__all__ = ['fuse', 'FusedConv2d']
+
+# Which conv each BatchNorm follows, per module type (names as in timm's state dicts).
+_CONV_BN_PAIRS = {
+    EffNetV1: (('conv_stem', 'bn1'), ('conv_head', 'bn2')),
+    DepthwiseSeparable: (('conv_dw', 'bn1'), ('conv_pw', 'bn2')),
+    InvertedResidual: (('conv_pw', 'bn1'), ('conv_dw', 'bn2'), ('conv_pwl', 'bn3')),
+}
+
+
+def _mkldnn_fusion_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, '_convolution_pointwise')
+
+
+class FusedConv2d(Conv2dTfSame):
+    """Conv + folded BatchNorm (as the bias) + optional Swish, with TF 'SAME' padding.
+
+    Every conv of the network is TF 'SAME' (stride-1 odd kernels are its symmetric case), so one class
+    covers them all. On CPU in fp32 the conv runs as oneDNN's fused conv + post-op kernel (the one
+    inductor uses for the same fusion): Swish costs no extra pass over the output, and the 1x1 convs
+    skip the layout copies of PyTorch's default CPU path for channels_last (measured 1.5-2x on B0's).
+    """
+
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, swish: bool) -> None:
+        assert conv.kernel_size[0] == conv.kernel_size[1] and conv.stride[0] == conv.stride[1]
+        super().__init__(
+            conv.in_channels, conv.out_channels, conv.kernel_size[0], conv.stride[0], conv.dilation[0],
+            conv.groups, bias=True)
+        self.pad_input = bool(getattr(conv, 'pad_input', False))
+        self.swish = swish
+        self.fused_kernel = _mkldnn_fusion_available()
+        weight, bias = _fold_batch_norm(conv, bn)
+        with torch.no_grad():
+            self.weight.copy_(weight)
+            self.bias.copy_(bias)
+        self.to(device=conv.weight.device, memory_format=_memory_format(conv.weight))
+
+    def _conv(self, x: torch.Tensor, padding: Tuple[int, int]) -> torch.Tensor:
+        if self._use_fused_kernel(x):
+            return torch.ops.mkldnn._convolution_pointwise(
+                x, self.weight, self.bias, list(padding), list(self.stride), list(self.dilation), self.groups,
+                'swish' if self.swish else 'none', [], '')
+        x = F.conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
+        return F.silu(x, inplace=True) if self.swish else x
+
+    def _use_fused_kernel(self, x: torch.Tensor) -> bool:
+        # Only in eager CPU fp32 inference: the op has no autograd and is not for export graphs.
+        if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return False
+        return (self.fused_kernel and x.device.type == 'cpu' and x.dtype == torch.float32
+                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)))
+
+
+def _memory_format(weight: torch.Tensor) -> torch.memory_format:
+    channels_last = weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def _fold_batch_norm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Conv weight and bias that compute `bn(conv(x))` with the running statistics (in float64)."""
+    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    bias = bn.bias.double() - bn.running_mean.double() * scale
+    if conv.bias is not None:
+        bias = bias + conv.bias.double() * scale
+    weight = conv.weight.double() * scale[:, None, None, None]
+    return weight.to(conv.weight.dtype), bias.to(conv.weight.dtype)
+
+
+def _fuse_pair(parent: nn.Module, conv_name: str, bn_name: str) -> None:
+    conv, bn = getattr(parent, conv_name), getattr(parent, bn_name)
+    if not isinstance(bn, nn.BatchNorm2d):  # pruned head (Identity) or already fused
+        return
+    swish = isinstance(getattr(bn, 'act', None), nn.SiLU)
+    assert swish or isinstance(getattr(bn, 'act', nn.Identity()), nn.Identity), f'{bn_name}: unexpected activation'
+    setattr(parent, conv_name, FusedConv2d(conv, bn, swish))
+    setattr(parent, bn_name, nn.Identity())
+
+
+ModelT = TypeVar('ModelT', bound=nn.Module)
+
+
+@torch.no_grad()
+def fuse(model: ModelT) -> ModelT:
+    """An eval-mode copy of `model` with each BatchNorm (and its Swish) folded into the preceding conv.
+
+    `model` is an `EffNetV1` or anything holding one (e.g. timm's `features_only` wrapper); the copy has
+    the same class and API. State-dict keys differ (no `bn*` entries, conv biases added) and parameters
+    are frozen (the fused kernel is inference-only). The input model is left untouched.
+    """
+    fused = copy.deepcopy(model).eval().requires_grad_(False)
+    pairs = [(m, names) for m in fused.modules() for names in _CONV_BN_PAIRS.get(type(m), ())]
+    assert pairs, f'{type(model).__name__} holds no EffNetV1 to fuse'
+    for module, (conv_name, bn_name) in pairs:
+        _fuse_pair(module, conv_name, bn_name)
+    return fused
