@@ -152,6 +152,7 @@ import torch, timm
 import effnet_timm
 from effnet_timm.layers import BatchNormSwish2d
 name, batch, size, threads, option = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+STEPS = 5  # the first (allocator warm-up) is not timed
 torch.set_num_threads(threads)
 torch.manual_seed(0)
 model = timm.create_model(name, drop_rate=0.2, drop_path_rate=0.2).train()
@@ -170,7 +171,7 @@ def kib(key):
 setup, setup_peak = kib('VmRSS'), kib('VmHWM')  # per address space (ru_maxrss counts the parent's)
 open('/proc/self/clear_refs', 'w').write('5')  # restart VmHWM: the peak of the steps alone
 times = []
-for step in range(3):
+for step in range(STEPS):
     start = time.perf_counter()
     opt.zero_grad(set_to_none=True)
     torch.nn.functional.cross_entropy(model(x), y).backward()

@@ -14,10 +14,27 @@ from timm.models._efficientnet_blocks import SqueezeExcite
 
 from .config import BlockConfig
 from .layers import create_conv
+from .recompute import attach_recipe, recipe_of
 
-__all__ = ['DepthwiseSeparable', 'InvertedResidual', 'create_block']
+__all__ = ['DepthwiseSeparable', 'InvertedResidual', 'SqueezeExciteRecompute', 'create_block']
 
 NormActFactory = Callable[..., nn.Module]
+
+
+class SqueezeExciteRecompute(SqueezeExcite):
+    """timm's `SqueezeExcite` (same modules and keys) whose output carries a recompute recipe.
+
+    When its input can be recomputed (a memory-efficient BatchNorm+Swish output), so can `x * gate`:
+    the projection conv then keeps neither for backward (`effnet_timm.recompute`).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self.gate(self.conv_expand(self.act1(self.conv_reduce(x.mean((2, 3), keepdim=True)))))
+        out = x * gate
+        if not torch.jit.is_scripting():
+            if not torch.compiler.is_compiling() and recipe_of(x) is not None:
+                attach_recipe(out, torch.mul, x, gate.detach())
+        return out
 
 
 class DepthwiseSeparable(nn.Module):
@@ -32,7 +49,7 @@ class DepthwiseSeparable(nn.Module):
         chs = cfg.input_filters
         self.conv_dw = create_conv(chs, chs, cfg.kernel_size, cfg.stride, dilation, groups=chs)
         self.bn1 = norm_act(chs)
-        self.se = SqueezeExcite(chs, rd_channels=cfg.se_reduced_filters, act_layer=act_layer)
+        self.se = SqueezeExciteRecompute(chs, rd_channels=cfg.se_reduced_filters, act_layer=act_layer)
         self.conv_pw = create_conv(chs, cfg.output_filters, 1)
         self.bn2 = norm_act(cfg.output_filters, apply_act=False)
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0. else nn.Identity()
@@ -61,7 +78,7 @@ class InvertedResidual(nn.Module):
         self.bn1 = norm_act(mid)
         self.conv_dw = create_conv(mid, mid, cfg.kernel_size, cfg.stride, dilation, groups=mid)
         self.bn2 = norm_act(mid)
-        self.se = SqueezeExcite(mid, rd_channels=cfg.se_reduced_filters, act_layer=act_layer)
+        self.se = SqueezeExciteRecompute(mid, rd_channels=cfg.se_reduced_filters, act_layer=act_layer)
         self.conv_pwl = create_conv(mid, cfg.output_filters, 1)
         self.bn3 = norm_act(cfg.output_filters, apply_act=False)
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0. else nn.Identity()

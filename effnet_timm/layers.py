@@ -32,6 +32,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import BatchNormAct2d, register_notrace_module
 
+from .recompute import attach_recipe
+
 __all__ = ['tf_same_pad', 'Conv2dTfSame', 'create_conv', 'BatchNormSwish2d', 'batch_norm_swish_me']
 
 
@@ -128,25 +130,32 @@ def create_conv(
     return Conv2dTfSame(in_channels, out_channels, kernel_size, stride, dilation, groups, bias)
 
 
+def _affine_swish(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """`silu(x * scale + shift)` per channel: a training BatchNorm + Swish with its statistics folded in."""
+    return F.silu(torch.addcmul(shift[:, None, None], x, scale[:, None, None]), inplace=True)
+
+
 class _BatchNormSwishMe(torch.autograd.Function):
     """Training-mode BatchNorm followed by Swish, keeping only the BN input for backward.
 
     Autograd would also keep the normalized tensor (the Swish input): one more activation-sized tensor
     per BN layer. It is recomputed from the input and the saved batch statistics instead. The gradient
-    kernels are autograd's own (`silu_backward`, `native_batch_norm_backward`).
+    kernels are autograd's own (`silu_backward`, `native_batch_norm_backward`). Also returns the batch
+    statistics (not differentiable), from which the output itself can be recomputed.
     """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                 running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
-                momentum: float, eps: float) -> torch.Tensor:
+                momentum: float, eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         y, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
         ctx.save_for_backward(x, weight, bias, mean, invstd)
         ctx.eps = eps
-        return F.silu(y, inplace=True)
+        ctx.mark_non_differentiable(mean, invstd)
+        return F.silu(y, inplace=True), mean, invstd
 
     @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+    def backward(ctx: Any, grad_out: torch.Tensor, *_: Any) -> Tuple[Optional[torch.Tensor], ...]:
         x, weight, bias, mean, invstd = ctx.saved_tensors
         scale = invstd * weight
         y = torch.addcmul((bias - mean * scale)[:, None, None], x, scale[:, None, None])
@@ -161,23 +170,32 @@ def batch_norm_swish_me(
         x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, running_mean: Optional[torch.Tensor],
         running_var: Optional[torch.Tensor], momentum: float = 0.1, eps: float = 1e-5,
 ) -> torch.Tensor:
-    """`silu(batch_norm(x, training=True))` that saves only `x` for backward (updates the running stats)."""
-    return _BatchNormSwishMe.apply(x, weight, bias, running_mean, running_var, momentum, eps)
+    """`silu(batch_norm(x, training=True))` that saves only `x` for backward (updates the running stats).
+
+    The output carries a recipe (`effnet_timm.recompute`): under `recompute_activations()` the layers
+    that read it keep `x` and two per-channel vectors instead of the output itself.
+    """
+    out, mean, invstd = _BatchNormSwishMe.apply(x, weight, bias, running_mean, running_var, momentum, eps)
+    with torch.no_grad():
+        scale = invstd * weight
+        shift = bias - mean * scale
+    return attach_recipe(out, _affine_swish, x, scale, shift)
 
 
 class BatchNormSwish2d(BatchNormAct2d):
     """timm's `BatchNormAct2d` with Swish (same modules and state dict), memory-efficient when training.
 
     With batch statistics and autograd recording, BN + Swish run as one `torch.autograd.Function` that
-    keeps one activation-sized tensor instead of two. Not under torch.compile, whose AOTAutograd
-    partitioner already chooses what to recompute. The statistics and running-average rules are
-    `BatchNormAct2d.forward`'s, restated because TorchScript cannot call `super().forward`.
+    keeps one activation-sized tensor instead of two, and whose output the next layers recompute rather
+    than keep (`effnet_timm.recompute`, active in `EffNetV1.forward_features`). Not under torch.compile,
+    whose AOTAutograd partitioner already chooses what to recompute. The statistics and running-average
+    rules are `BatchNormAct2d.forward`'s, restated because TorchScript cannot call `super().forward`.
     """
 
     def __init__(self, num_features: int, apply_act: bool = True, **kwargs: Any) -> None:
         super().__init__(num_features, apply_act=apply_act, act_layer=nn.SiLU, **kwargs)
         self.has_swish = apply_act
-        self.memory_efficient = True  # set False for plain autograd (e.g. to compare)
+        self.memory_efficient = True  # False: plain autograd, no recomputation (e.g. to compare)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         momentum = self._momentum_for_this_step()

@@ -16,6 +16,7 @@ from timm.models._manipulate import checkpoint_seq
 from .blocks import create_block
 from .config import BlockConfig, block_table, head_filters, stem_filters
 from .layers import BatchNormSwish2d, create_conv
+from .recompute import recompute_activations
 
 __all__ = ['EffNetV1', 'BN_EPS_TF', 'BN_MOMENTUM_TF']
 
@@ -186,12 +187,25 @@ class EffNetV1(nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            if self._recomputes_activations():
+                with recompute_activations():
+                    return self._forward_features(x)
+        return self._forward_features(x)
+
+    def _forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.bn1(self.conv_stem(x))
         if self.grad_checkpointing and not torch.jit.is_scripting():
             x = checkpoint_seq(self.blocks, x, flatten=True)
         else:
             x = self.blocks(x)
         return self.bn2(self.conv_head(x))
+
+    @torch.jit.unused
+    def _recomputes_activations(self) -> bool:
+        # Checkpointing keeps only block inputs already; compile's partitioner picks its own recomputation.
+        return (self.training and torch.is_grad_enabled() and not self.grad_checkpointing
+                and not torch.compiler.is_compiling())
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.global_pool(x)
