@@ -1,8 +1,10 @@
 """Inference speed, training-step cost and compile time: effnet_v1 vs timm's and torchvision's EfficientNets.
 
-    python benchmarks/bench_inference.py [--json] [--threads 1] [--repeats 6] [--inductor]
+    python benchmarks/bench_inference.py [--json] [--threads 1] [--repeats 8] [--inductor]
+                                         [--device cpu|cuda] [--precisions fp32,bf16,fp16]
 
-Three tables, fp32 on CPU:
+Three tables, fp32 on CPU (on CUDA, when present: fp32 plus bf16 and fp16 autocast rows, and training
+memory from `torch.cuda.max_memory_allocated` instead of RSS):
 1. img/s (median over interleaved runs, same input) of our `effnet_v1_bN`, timm `tf_efficientnet_bN`
    (same TF numerics), timm `efficientnet_bN` (symmetric padding: the speed ceiling) and torchvision's,
    for B0 and B3, in eager NCHW, eager channels_last, our fused mode (channels_last) and, with
@@ -50,6 +52,7 @@ class Row:
     variant: str
     model: str
     mode: str
+    precision: str
     batch: int
     size: int
     times: List[float] = field(default_factory=list)
@@ -102,11 +105,19 @@ def _compiled(model: torch.nn.Module) -> Callable:
     return torch.compile(model, fullgraph=True)
 
 
-def bench_inference(repeats: int, inductor: bool) -> List[Row]:
+AUTOCAST = {'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def bench_inference(repeats: int, inductor: bool, device: torch.device, precisions: List[str]) -> List[Row]:
     rows: List[Row] = []
     for variant, batch, size in VARIANTS:
-        models = _models(variant)
-        x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
+        models = {k: m.to(device) for k, m in _models(variant).items()}
+        x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1)).to(device)
         x_cl = x.contiguous(memory_format=CHANNELS_LAST)
         runs: Dict[tuple, tuple] = {}
         for key, model in models.items():
@@ -116,30 +127,42 @@ def bench_inference(repeats: int, inductor: bool) -> List[Row]:
         if inductor and variant == 'b0':
             for key in ('ours', 'timm_tf', 'timm_sym'):
                 runs[(key, 'compiled channels_last')] = (_compiled(runs[(key, 'eager channels_last')][0]), x_cl)
-        rows += _time_interleaved(variant, batch, size, runs, repeats)
+        rows += _time_interleaved(variant, batch, size, runs, repeats, device, precisions)
     return rows
 
 
-def _time_interleaved(variant: str, batch: int, size: int, runs: Dict[tuple, tuple], repeats: int) -> List[Row]:
+def _time_interleaved(
+        variant: str, batch: int, size: int, runs: Dict[tuple, tuple], repeats: int, device: torch.device,
+        precisions: List[str]) -> List[Row]:
     names = _names(variant)
-    rows = {k: Row(variant, names[k[0]], k[1], batch, size) for k in runs}
+    cases = {(key, precision): run for key, run in runs.items() for precision in precisions}
+    rows = {(key, p): Row(variant, names[key[0]], key[1], p, batch, size) for key, p in cases}
     outputs = {}
+
+    def call(case: tuple) -> torch.Tensor:
+        model, inp = cases[case]
+        precision = case[1]
+        with torch.autocast(device.type, dtype=AUTOCAST.get(precision), enabled=precision in AUTOCAST):
+            return model(inp)
+
     with torch.inference_mode():
-        for key, (model, inp) in runs.items():  # warm-up (and compile), and the logits
-            outputs[key] = model(inp).float()
+        for case in cases:  # warm-up (and compile), and the logits
+            outputs[case] = call(case).float()
         for _ in range(repeats):
-            for key, (model, inp) in runs.items():
+            for case in cases:
+                _synchronize(device)
                 start = time.perf_counter()
-                model(inp)
-                rows[key].times.append(time.perf_counter() - start)
-    reference = outputs[('ours', 'eager NCHW')]
-    for key, row in rows.items():
+                call(case)
+                _synchronize(device)
+                rows[case].times.append(time.perf_counter() - start)
+    reference = outputs[(('ours', 'eager NCHW'), precisions[0])]
+    for (key, precision), row in rows.items():
         row.reference_max_abs_logit = reference.abs().max().item()
         row.img_s = batch / statistics.median(row.times)
         if key[0] != 'torchvision':  # torchvision has its own weights
-            row.max_abs_dlogit = (outputs[key] - reference).abs().max().item()
+            row.max_abs_dlogit = (outputs[(key, precision)] - reference).abs().max().item()
         base_mode = 'eager NCHW' if key[1] == 'eager NCHW' else 'eager channels_last'
-        base = rows.get(('timm_tf', key[1])) or rows[('timm_tf', base_mode)]
+        base = rows.get((('timm_tf', key[1]), precision)) or rows[(('timm_tf', base_mode), precision)]
         row.ratio_to_timm_tf = row.img_s / (batch / statistics.median(base.times))
     return list(rows.values())
 
@@ -152,10 +175,13 @@ import torch, timm
 import effnet_timm
 from effnet_timm.layers import BatchNormSwish2d
 name, batch, size, threads, option = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+device, precision = torch.device(sys.argv[6]), sys.argv[7]
+autocast = torch.autocast(device.type, dtype={'bf16': torch.bfloat16, 'fp16': torch.float16}.get(precision),
+                          enabled=precision != 'fp32')
 STEPS = 5  # the first (allocator warm-up) is not timed
 torch.set_num_threads(threads)
 torch.manual_seed(0)
-model = timm.create_model(name, drop_rate=0.2, drop_path_rate=0.2).train()
+model = timm.create_model(name, drop_rate=0.2, drop_path_rate=0.2).train().to(device)
 if option == 'checkpointing':
     model.set_grad_checkpointing()
 if option == 'plain_autograd':
@@ -163,38 +189,59 @@ if option == 'plain_autograd':
         if isinstance(m, BatchNormSwish2d):
             m.memory_efficient = False
 opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-x, y = torch.randn(batch, 3, size, size), torch.randint(0, 1000, (batch,))
+x, y = torch.randn(batch, 3, size, size, device=device), torch.randint(0, 1000, (batch,), device=device)
+scaler = torch.amp.GradScaler(device.type, enabled=precision == 'fp16')
 
 def kib(key):
     return int(re.search(key + r':\s+(\d+)', open('/proc/self/status').read()).group(1)) * 1024
 
-setup, setup_peak = kib('VmRSS'), kib('VmHWM')  # per address space (ru_maxrss counts the parent's)
-open('/proc/self/clear_refs', 'w').write('5')  # restart VmHWM: the peak of the steps alone
+def memory():  # (current, peak) bytes: allocated by the CUDA caching allocator, or RSS on CPU
+    if device.type == 'cuda':
+        return torch.cuda.memory_allocated(device), torch.cuda.max_memory_allocated(device)
+    return kib('VmRSS'), kib('VmHWM')  # per address space (ru_maxrss counts the parent's)
+
+setup, setup_peak = memory()
+if device.type == 'cuda':
+    torch.cuda.reset_peak_memory_stats(device)
+else:
+    open('/proc/self/clear_refs', 'w').write('5')  # restart VmHWM: the peak of the steps alone
 times = []
 for step in range(STEPS):
     start = time.perf_counter()
     opt.zero_grad(set_to_none=True)
-    torch.nn.functional.cross_entropy(model(x), y).backward()
-    opt.step()
+    with autocast:
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
     times.append(time.perf_counter() - start)
-steps_peak = kib('VmHWM')
+steps_peak = memory()[1]
 print(json.dumps(dict(step_s=statistics.median(times[1:]), process_peak=max(setup_peak, steps_peak),
                       setup_rss=setup, step_peak=steps_peak - setup)))
 '''
 
 
-def bench_training(threads: int) -> List[dict]:
-    """Each config under glibc's default malloc (what users get: freed heap memory stays resident, so
-    RSS overstates live tensors) and with a 128 KiB mmap threshold (every tensor is its own mapping,
-    returned on free: RSS follows live tensors). Step time is taken from the default-malloc runs."""
+def bench_training(threads: int, device: torch.device, precisions: List[str]) -> List[dict]:
+    """On CPU each config runs under glibc's default malloc (what users get: freed heap memory stays
+    resident, so RSS overstates live tensors) and with a 128 KiB mmap threshold (every tensor is its own
+    mapping, returned on free: RSS follows live tensors); step time is taken from the default-malloc runs.
+    On CUDA memory is the caching allocator's peak of allocated bytes, once per precision."""
     variant, batch, size = TRAIN
     names = _names(variant)
     configs = [('ours', 'default'), ('ours', 'checkpointing'), ('ours', 'plain_autograd'), ('timm_tf', 'default')]
+    if device.type == 'cuda':
+        memories = [(f'cuda {p}', {}, p) for p in precisions]
+    else:
+        memories = [('default' if p == 'fp32' else f'default {p}', {}, p) for p in precisions]
+        memories.append(('mmap 128K', {'MALLOC_MMAP_THRESHOLD_': '131072'}, precisions[0]))
     rows = []
-    for malloc, env in (('default', {}), ('mmap 128K', {'MALLOC_MMAP_THRESHOLD_': '131072'})):
+    for malloc, env, precision in memories:
         for key, option in configs:
             out = subprocess.run(
-                [sys.executable, '-c', TRAIN_CHILD, names[key], str(batch), str(size), str(threads), option],
+                [sys.executable, '-c', TRAIN_CHILD, names[key], str(batch), str(size), str(threads), option,
+                 str(device), precision],
                 capture_output=True, text=True, check=True, env=dict(os.environ, **env))
             rows.append(dict(model=names[key], option=option, malloc=malloc, batch=batch, size=size,
                              **json.loads(out.stdout.strip().splitlines()[-1])))
@@ -249,26 +296,31 @@ def _fmt(value: Optional[float], spec: str, missing: str = 'n/a') -> str:
     return missing if value is None else format(value, spec)
 
 
-def print_tables(inference: List[Row], training: List[dict], compile_rows: List[dict], threads: int) -> None:
+def print_tables(inference: List[Row], training: List[dict], compile_rows: List[dict], threads: int,
+                 device: torch.device) -> None:
     print(f'torch {torch.__version__}, timm {timm.__version__}, torchvision {torchvision.__version__}, '
-          f'{threads} thread(s), fp32 CPU\n')
-    print(f'{"variant":7} {"model":34} {"mode":24} {"batch":>5} {"size":>4} {"img/s":>7} '
+          f'{threads} thread(s), {device}\n')
+    print(f'{"variant":7} {"model":34} {"mode":24} {"prec":>4} {"batch":>5} {"size":>4} {"img/s":>7} '
           f'{"vs tf_":>7} {"max|dlogit|":>11}')
     scales = {r.variant: r.reference_max_abs_logit for r in inference}
     print('max |dlogit| is to our eager NCHW logits, whose max |logit| is '
           + ', '.join(f'{v:.1f} ({k})' for k, v in scales.items()))
     for r in inference:
-        print(f'{r.variant:7} {r.model:34} {r.mode:24} {r.batch:5d} {r.size:4d} {r.img_s:7.2f} '
+        print(f'{r.variant:7} {r.model:34} {r.mode:24} {r.precision:>4} {r.batch:5d} {r.size:4d} {r.img_s:7.2f} '
               f'{_fmt(r.ratio_to_timm_tf, "7.3f")} {_fmt(r.max_abs_dlogit, "11.2e")}')
     variant, batch, size = TRAIN
     print(f'\nTraining step ({variant}, batch {batch}, {size} px, forward + backward + SGD)')
-    print('(process peak: peak RSS of the whole subprocess, imports and set-up included; '
-          'step peak: peak RSS of the steps above the RSS before them; step time from default malloc)')
-    print(f'{"model":24} {"option":15} {"malloc":10} {"step s":>7} {"vs tf_":>7} {"process peak MB":>15} '
+    if device.type == 'cuda':
+        print('(process peak: max_memory_allocated, model and optimizer included; step peak: the steps\' peak '
+              'above the memory allocated before them)')
+    else:
+        print('(process peak: peak RSS of the whole subprocess, imports and set-up included; '
+              'step peak: peak RSS of the steps above the RSS before them; step time from default malloc)')
+    print(f'{"model":24} {"option":15} {"memory":12} {"step s":>7} {"vs tf_":>7} {"process peak MB":>15} '
           f'{"vs tf_":>7} {"step peak MB":>12} {"vs tf_":>7}')
     for r in training:
-        step = f'{r["step_s"]:7.2f} {r["step_ratio"]:7.3f}' if r['malloc'] == 'default' else f'{"-":>7} {"-":>7}'
-        print(f'{r["model"]:24} {r["option"]:15} {r["malloc"]:10} {step} '
+        step = f'{r["step_s"]:7.2f} {r["step_ratio"]:7.3f}' if 'mmap' not in r['malloc'] else f'{"-":>7} {"-":>7}'
+        print(f'{r["model"]:24} {r["option"]:15} {r["malloc"]:12} {step} '
               f'{r["process_peak"] / 2**20:15.0f} {r["process_peak_ratio"]:7.3f} '
               f'{r["step_peak"] / 2**20:12.0f} {r["step_peak_ratio"]:7.3f}')
     print(f'\ntorch.compile(fullgraph=True, backend="eager") time, batch 1 (limit {COMPILE_TIMEOUT_S} s per model)')
@@ -284,17 +336,25 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument('--threads', type=int, default=1)
     parser.add_argument('--repeats', type=int, default=8, help='timed runs per model and mode')
     parser.add_argument('--inductor', action='store_true', help='add torch.compile (inductor) rows (slow)')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--precisions', help='comma-separated: fp32, and bf16 / fp16 autocast '
+                        '(default: fp32 on CPU, fp32,bf16,fp16 on CUDA)')
     args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    precisions = (args.precisions or ('fp32,bf16,fp16' if device.type == 'cuda' else 'fp32')).split(',')
+    unknown = set(precisions) - {'fp32', *AUTOCAST}
+    if unknown:
+        parser.error(f'--precisions: unknown {sorted(unknown)}; expected fp32, bf16 or fp16')
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    inference = bench_inference(args.repeats, args.inductor)
-    training = bench_training(args.threads)
+    inference = bench_inference(args.repeats, args.inductor, device, precisions)
+    training = bench_training(args.threads, device, precisions)
     compile_rows = bench_compile(args.threads)
     if args.json:
-        print(json.dumps(dict(threads=args.threads, inference=[asdict(r) for r in inference],
+        print(json.dumps(dict(threads=args.threads, device=str(device), inference=[asdict(r) for r in inference],
                               training=training, compile=compile_rows), indent=1))
     else:
-        print_tables(inference, training, compile_rows, args.threads)
+        print_tables(inference, training, compile_rows, args.threads, device)
         print(f'\n({time.perf_counter() - start:.0f} s)')
 
 

@@ -132,7 +132,12 @@ def create_conv(
 
 def _affine_swish(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """`silu(x * scale + shift)` per channel: a training BatchNorm + Swish with its statistics folded in."""
-    return F.silu(torch.addcmul(shift[:, None, None], x, scale[:, None, None]), inplace=True)
+    return F.silu(_affine(x, scale, shift), inplace=True)
+
+
+def _affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    # In the statistics' precision, rounded to the input's dtype as BatchNorm does (mixed precision).
+    return torch.addcmul(shift[:, None, None], x, scale[:, None, None]).to(x.dtype)
 
 
 class _BatchNormSwishMe(torch.autograd.Function):
@@ -158,7 +163,7 @@ class _BatchNormSwishMe(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor, *_: Any) -> Tuple[Optional[torch.Tensor], ...]:
         x, weight, bias, mean, invstd = ctx.saved_tensors
         scale = invstd * weight
-        y = torch.addcmul((bias - mean * scale)[:, None, None], x, scale[:, None, None])
+        y = _affine(x, scale, bias - mean * scale)
         # Elementwise, so the gradient can overwrite the recomputed input: one transient tensor, not two.
         grad_y = torch.ops.aten.silu_backward.grad_input(grad_out, y, grad_input=y)
         grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(

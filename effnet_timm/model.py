@@ -1,6 +1,7 @@
 """EffNetV1: the official EfficientNet V1 graph with timm's model API."""
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import replace
 from functools import partial
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -8,7 +9,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import create_classifier
+from timm.layers import create_classifier, get_device_dtype
 from timm.models._efficientnet_builder import efficientnet_init_weights
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
@@ -45,6 +46,8 @@ class EffNetV1(nn.Module):
             depth_divisor: int = 8,
             bn_eps: float = BN_EPS_TF,
             bn_momentum: float = BN_MOMENTUM_TF,
+            device: Optional[Union[torch.device, str]] = None,
+            dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
         assert output_stride in (8, 16, 32), 'output_stride must be 8, 16 or 32'
@@ -57,21 +60,25 @@ class EffNetV1(nn.Module):
         act_layer = nn.SiLU  # Swish
         norm_act = partial(BatchNormSwish2d, eps=bn_eps, momentum=bn_momentum)
 
-        self.block_cfgs: List[BlockConfig] = block_table(width_coefficient, depth_coefficient, depth_divisor)
-        stem_chs = stem_filters(width_coefficient, depth_divisor)
-        self.conv_stem = create_conv(in_chans, stem_chs, 3, stride=2)
-        self.bn1 = norm_act(stem_chs)
+        # timm's device/dtype factory arguments: build in place (e.g. on 'meta' without allocating).
+        with torch.device(device) if device is not None else nullcontext():
+            self.block_cfgs: List[BlockConfig] = block_table(width_coefficient, depth_coefficient, depth_divisor)
+            stem_chs = stem_filters(width_coefficient, depth_divisor)
+            self.conv_stem = create_conv(in_chans, stem_chs, 3, stride=2)
+            self.bn1 = norm_act(stem_chs)
 
-        self.blocks, self.feature_info = self._build_stages(norm_act, act_layer, drop_path_rate, output_stride)
-        self.stage_ends = [info['stage'] for info in self.feature_info]
+            self.blocks, self.feature_info = self._build_stages(norm_act, act_layer, drop_path_rate, output_stride)
+            self.stage_ends = [info['stage'] for info in self.feature_info]
 
-        self.num_features = head_filters(width_coefficient, depth_divisor)
-        self.conv_head = create_conv(self.block_cfgs[-1].output_filters, self.num_features, 1)
-        self.bn2 = norm_act(self.num_features)
-        self.global_pool, self.classifier = create_classifier(self.num_features, num_classes, pool_type=global_pool)
-        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+            self.num_features = head_filters(width_coefficient, depth_divisor)
+            self.conv_head = create_conv(self.block_cfgs[-1].output_filters, self.num_features, 1)
+            self.bn2 = norm_act(self.num_features)
+            self.global_pool, self.classifier = create_classifier(self.num_features, num_classes, pool_type=global_pool)
+            self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
 
-        efficientnet_init_weights(self)
+            efficientnet_init_weights(self)
+        if dtype is not None:
+            self.to(dtype=dtype)
 
     def _build_stages(
             self, norm_act: Any, act_layer: type, drop_path_rate: float, output_stride: int,
@@ -130,7 +137,8 @@ class EffNetV1(nn.Module):
         self.num_classes = num_classes
         if global_pool is None:
             global_pool = self.global_pool.pool_type
-        self.global_pool, self.classifier = create_classifier(self.num_features, num_classes, pool_type=global_pool)
+        self.global_pool, self.classifier = create_classifier(
+            self.num_features, num_classes, pool_type=global_pool, **get_device_dtype(self))
         self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
 
     def forward_intermediates(
@@ -143,6 +151,20 @@ class EffNetV1(nn.Module):
             intermediates_only: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
         """Features at the `feature_info` levels (strides 2, 4, 8, 16, 32), optionally with the final map."""
+        if not torch.jit.is_scripting():
+            if self._recomputes_activations():  # features_only models train through here
+                with recompute_activations():
+                    return self._forward_intermediates(x, indices, stop_early, output_fmt, intermediates_only)
+        return self._forward_intermediates(x, indices, stop_early, output_fmt, intermediates_only)
+
+    def _forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]],
+            stop_early: bool,
+            output_fmt: str,
+            intermediates_only: bool,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
         assert output_fmt == 'NCHW', 'Output format must be NCHW.'
         take_indices, max_index = feature_take_indices(len(self.stage_ends), indices)
         take_stages = [self.stage_ends[i] for i in take_indices]

@@ -257,6 +257,13 @@ def test_training_forward_keeps_a_third_of_what_timm_keeps():
     assert _bytes_kept_by_forward(ours, x) <= 0.5 * kept
 
 
+def test_features_only_training_keeps_as_little():
+    x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    ours = timm.create_model('effnet_v1_b0', features_only=True, drop_path_rate=0.).train()
+    theirs = timm.create_model('tf_efficientnet_b0', features_only=True, drop_path_rate=0.).train()
+    assert _bytes_kept_by_forward(ours, x) <= 0.4 * _bytes_kept_by_forward(theirs, x)
+
+
 def test_recomputation_refuses_a_source_modified_in_place():
     model = _tiny(drop_rate=0., drop_path_rate=0.).train()
     captured = {}
@@ -285,3 +292,24 @@ def test_training_gradients_are_the_same_with_checkpointing_and_memory_efficient
         got = grads(efficient, checkpointing)
         for name, g in got.items():
             torch.testing.assert_close(g, reference[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_mixed_precision_training_gives_plain_autograd_gradients():
+    # Under autocast the conv outputs are bfloat16 while BatchNorm's statistics and parameters are float32:
+    # recomputation must round to the dtype the forward produced, as plain autograd's saved tensors are.
+    torch.manual_seed(0)
+    model = _tiny(drop_rate=0., drop_path_rate=0.).train()
+    x = torch.randn(4, 3, 64, 64)
+
+    def grads(efficient: bool) -> dict:
+        _set_memory_efficient(model, efficient)
+        model.zero_grad()
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            out = model(x)
+        assert out.dtype == torch.bfloat16
+        out.float().square().mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    reference, got = grads(efficient=False), grads(efficient=True)
+    for name, g in got.items():
+        assert (g - reference[name]).norm() <= 1e-2 * reference[name].norm() + 1e-6, name

@@ -93,6 +93,20 @@ def test_reset_classifier_and_unpooled_outputs():
     assert timm.create_model('effnet_v1_b0', num_classes=0)(x).shape == (1, 1280)
 
 
+def test_device_and_dtype_factory_arguments_as_timm():
+    meta = timm.create_model('effnet_v1_b0', device='meta')
+    assert {p.device.type for p in meta.parameters()} == {'meta'}
+    ours = timm.create_model('effnet_v1_b0', dtype=torch.float64).eval()
+    theirs = timm.create_model('tf_efficientnet_b0', dtype=torch.float64).eval()
+    assert {t.dtype for t in [*ours.parameters(), *ours.buffers()] if t.is_floating_point()} == {torch.float64}
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, *SMALL, dtype=torch.float64)
+    with torch.inference_mode():
+        torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=1e-12)
+    ours.reset_classifier(5)
+    assert ours.classifier.weight.dtype == torch.float64
+
+
 def test_in_chans_and_global_pool_kwargs():
     model = timm.create_model('effnet_v1_b1', in_chans=1, global_pool='max', num_classes=3).eval()
     assert model.conv_stem.in_channels == 1
