@@ -94,6 +94,22 @@ def _unpack(packed: Any) -> torch.Tensor:
 
 @contextmanager
 def recompute_activations() -> Iterator[None]:
-    """Within this context, autograd saves recipes instead of the tensors that carry one."""
+    """Within this context, autograd saves recipes instead of the tensors that carry one.
+
+    Does nothing under saved-tensor hooks of the caller's (e.g. `torch.autograd.graph.save_on_cpu()`):
+    only the innermost hooks run, and recipes hold their sources where they are, so taking over would
+    silently undo the caller's choice of what to keep where.
+    """
+    if _outer_hooks_active():
+        yield
+        return
     with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
         yield
+
+
+def _outer_hooks_active() -> bool:
+    autograd = torch._C._autograd
+    if hasattr(autograd, '_saved_tensors_hooks_is_enabled') and not autograd._saved_tensors_hooks_is_enabled():
+        return True  # hooks are disabled here (and pushing ours would raise)
+    top = getattr(autograd, '_top_saved_tensors_default_hooks', None)  # private, present since torch 1.10
+    return top is not None and top(False) is not None

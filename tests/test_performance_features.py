@@ -313,3 +313,31 @@ def test_mixed_precision_training_gives_plain_autograd_gradients():
     reference, got = grads(efficient=False), grads(efficient=True)
     for name, g in got.items():
         assert (g - reference[name]).norm() <= 1e-2 * reference[name].norm() + 1e-6, name
+
+
+def test_recomputed_backward_can_run_twice_with_retain_graph():
+    torch.manual_seed(0)
+    model = _tiny(drop_rate=0., drop_path_rate=0.).train()
+    loss = model(_input(64, 64)).square().mean()
+    loss.backward(retain_graph=True)  # the first pass drops the values it cached for shared reads
+    first = {n: p.grad.clone() for n, p in model.named_parameters()}
+    loss.backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, 2 * first[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_callers_saved_tensor_hooks_see_every_saved_tensor():
+    # e.g. torch.autograd.graph.save_on_cpu(): the model must not take the saved tensors away from it.
+    model = _tiny(drop_rate=0., drop_path_rate=0.).train()
+    packed = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        packed.append(t.shape)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(_input(64, 64)).sum().backward()
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    assert len(packed) >= 2 * convs  # every conv's input and weight, at least
+    with torch.autograd.graph.save_on_cpu():
+        model(_input(64, 64)).sum().backward()
