@@ -26,6 +26,15 @@ torch.set_num_threads(max(1, os.cpu_count() or 1))
 
 
 @pytest.fixture(scope='session')
+def converted_tiny(tmp_path_factory) -> Path:
+    """The demo checkpoint converted once at 96 px. Tests read it or copy it; none may edit it."""
+    from effnet_convert.converter import convert
+    folder = tmp_path_factory.mktemp('converted') / 'effnet_v1'
+    convert(str(TINY_CKPT.parent), folder, image_size=96)
+    return folder
+
+
+@pytest.fixture(scope='session')
 def tf():
     """TensorFlow, the test oracle (the `test` extra)."""
     os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')

@@ -25,7 +25,6 @@ from effnet_timm.complexity import count_params_and_macs
 
 from conftest import FIXTURES, REPO, SAMPLES, load_manifest, shared_path
 
-DEMO = REPO / 'convert' / 'demo' / 'efficientnet-tiny'
 TINY = FIXTURES / 'efficientnet-tiny'
 PHOTOS = sorted(SAMPLES.glob('*.jpg'))  # not the fixtures' order: results must be matched by name
 ROW = re.compile(r'^  (\d+)\s+([0-9.]+)\s+(\d+)\s+(.*)$')
@@ -33,10 +32,8 @@ TIMM_LINE = re.compile(r'^  timm eval transform .*\|dx\| mean ([0-9.]+) max ([0-
 
 
 @pytest.fixture(scope='module')
-def tiny_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp('cli') / 'tiny'
-    convert(str(DEMO), out, image_size=96)
-    return out
+def tiny_dir(converted_tiny) -> Path:
+    return converted_tiny
 
 
 @pytest.fixture(scope='module')

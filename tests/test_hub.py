@@ -22,7 +22,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from effnet_convert.cli import DEMO_CHECKPOINT, main
-from effnet_convert.converter import convert
 from effnet_convert.hub import HUB_FILES, read_folder, _digests, _remote_holds
 from effnet_timm.pretrained import HUB_ORG
 
@@ -143,10 +142,8 @@ def _one_line(proc: subprocess.CompletedProcess) -> str:
 # --- push ------------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope='module')
-def tiny(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp('tiny') / 'effnet_v1'
-    convert(str(DEMO_CHECKPOINT), folder, image_size=96)
-    return folder
+def tiny(converted_tiny) -> Path:
+    return converted_tiny
 
 
 @pytest.fixture(scope='module')
