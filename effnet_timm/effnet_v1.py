@@ -12,6 +12,7 @@ from timm.models import resolve_pretrained_cfg
 from timm.models._builder import _resolve_pretrained_source
 
 from .config import VARIANTS
+from .errors import PretrainedWeightsError
 from .model import EffNetV1
 from .pretrained import default_cfg_table, pretrained_cfg
 
@@ -22,10 +23,6 @@ default_cfgs = generate_default_cfgs({
     # Architecture only (no official weights): any width/depth, e.g. a scaled-down official checkpoint.
     'effnet_v1': pretrained_cfg('effnet_v1'),
 })
-
-
-class PretrainedWeightsError(RuntimeError):
-    """Pretrained weights were asked for and could not be had."""
 
 
 def _weights_source(variant: str, kwargs: dict) -> str:

@@ -20,7 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import effnet_timm  # noqa: F401  (registers the models)
 from effnet_convert.converter import convert
-from effnet_timm.cli import main
+from effnet_timm_cli import main
 from effnet_timm.complexity import count_params_and_macs
 
 from conftest import FIXTURES, REPO, SAMPLES, load_manifest, shared_path
@@ -168,7 +168,7 @@ def test_bad_input_is_one_line_and_exit_2(capsys, tiny_dir, tmp_path, case):
 
 def test_predict_without_available_weights_prints_the_pretrained_error(tmp_path):
     proc = subprocess.run(
-        [sys.executable, '-m', 'effnet_timm.cli', 'predict', str(PHOTOS[0]), '--model', 'effnet_v1_b0.aa_in1k'],
+        [sys.executable, '-m', 'effnet_timm_cli', 'predict', str(PHOTOS[0]), '--model', 'effnet_v1_b0.aa_in1k'],
         capture_output=True, text=True, timeout=300,
         env={**os.environ, 'HF_HUB_OFFLINE': '1', 'HF_HUB_CACHE': str(tmp_path / 'empty')})
     assert proc.returncode == 2, proc.stderr[-2000:]

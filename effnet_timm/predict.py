@@ -1,11 +1,9 @@
-"""`effnet-timm`: classify photos with the official preprocessing (`predict`), list the variants (`info`)."""
+"""Classify images with the official eval preprocessing: the library behind `effnet-timm predict`."""
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import io
 import json
-import sys
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -17,13 +15,13 @@ from safetensors import SafetensorError
 from timm.data import ImageNetInfo, create_transform, infer_imagenet_subset, resolve_data_config
 from timm.models import split_model_name_tag
 
-from .effnet_v1 import PretrainedWeightsError
+from .errors import InputError, PretrainedWeightsError, first_line
 from .preprocessing import TfEvalTransform, create_tf_transform, decode_image
-from .pretrained import TAGS, pretrained_cfg
+from .pretrained import TAGS
 
-__all__ = ['main', 'read_images', 'load_model', 'predict', 'format_predictions', 'variant_info', 'format_info']
+__all__ = ['CROPS', 'read_images', 'load_model', 'predict', 'format_predictions', 'split_known_name', 'known_tags',
+           'mean_std_name']
 
-PROG = 'effnet-timm'
 CROPS = ('padding32', 'fraction')
 MEAN_STD_NAMES = {
     ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)): 'imagenet',
@@ -31,74 +29,22 @@ MEAN_STD_NAMES = {
 }
 
 
-class CliError(Exception):
-    """Bad input: reported as one line on stderr, exit code 2."""
-
-
-# ----------------------------------------------------------------------------- arguments
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG, description='Official TensorFlow EfficientNet V1 in timm: classify photos, list the variants.')
-    commands = parser.add_subparsers(dest='command', required=True)
-
-    p = commands.add_parser(
-        'predict', help='top-k ImageNet classes of photos, with the official eval preprocessing',
-        description='Print the top-k ImageNet classes of each image, preprocessed as the official TF eval does.')
-    p.add_argument('images', nargs='+', type=Path, metavar='IMAGE', help='JPEG, PNG, ... files')
-    p.add_argument('--model', help='effnet_v1_bN[.tag] (optional with a --weights folder: read from its config.json)')
-    p.add_argument('--weights', type=Path, metavar='FILE|DIR',
-                   help='a folder written by effnet-convert, or a model.safetensors file (needs --model); '
-                        'default: the pretrained weights of the --model tag')
-    p.add_argument('--topk', type=_positive_int, default=5, metavar='K', help='classes shown per image (default 5)')
-    p.add_argument('--crop', choices=CROPS, default='padding32',
-                   help='centre crop: 32 px padding as behind the published accuracies (default), or the '
-                        'current official code\'s 0.875 fraction')
-    p.add_argument('--compare-timm-preprocessing', action='store_true',
-                   help="also run timm's own eval transform (PIL) and report how inputs and top-k differ")
-    p.add_argument('--json', action='store_true', help='machine-readable output')
-    p.set_defaults(run=_run_predict)
-
-    i = commands.add_parser('info', help='parameters, GMACs, preprocessing and pretrained tags of the variants',
-                            description='Parameters, GMACs, preprocessing and pretrained tags of every variant.')
-    i.add_argument('model', nargs='?', metavar='MODEL', help='one variant, effnet_v1_bN[.tag] (default: all)')
-    i.add_argument('--json', action='store_true', help='machine-readable output')
-    i.set_defaults(run=_run_info)
-    return parser
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f'must be >= 1, got {value}')
-    return value
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        return args.run(args)
-    except (CliError, PretrainedWeightsError) as err:
-        print(f'{PROG}: error: {err}', file=sys.stderr)
-        return 2
-
-
 # ----------------------------------------------------------------------------- model names
 
 
-def _known_tags(arch: str) -> List[str]:
+def known_tags(arch: str) -> List[str]:
+    """The pretrained tags of ``arch``, its default first."""
     return [tag for tag, spec in TAGS.items() if arch in spec.variants]  # default first, as registered
 
 
-def _split_known_name(name: str) -> Tuple[str, str]:
+def split_known_name(name: str) -> Tuple[str, str]:
     """``(architecture, tag)`` of a registered effnet_timm model name; tag is '' when not given."""
     arch, tag = split_model_name_tag(name)
     known = timm.list_models('effnet_v1*')
     if arch not in known:
-        raise CliError(f"unknown model '{name}' (known: {', '.join(known)})")
-    if tag and tag not in _known_tags(arch):
-        raise CliError(f"{arch} has no pretrained tag '{tag}' (tags: {', '.join(_known_tags(arch)) or 'none'})")
+        raise InputError(f"unknown model '{name}' (known: {', '.join(known)})")
+    if tag and tag not in known_tags(arch):
+        raise InputError(f"{arch} has no pretrained tag '{tag}' (tags: {', '.join(known_tags(arch)) or 'none'})")
     return arch, tag
 
 
@@ -109,28 +55,28 @@ def load_model(model_name: Optional[str], weights: Optional[Path]) -> torch.nn.M
     """The eval-mode model for ``--model`` / ``--weights`` (see the ``predict`` help)."""
     if weights is None:
         if model_name is None:
-            raise CliError('give --model, --weights, or both')
-        _split_known_name(model_name)
+            raise InputError('give --model, --weights, or both')
+        split_known_name(model_name)
         return timm.create_model(model_name, pretrained=True).eval()
     if weights.is_dir():
         return _load_folder(model_name, weights).eval()
     if not weights.is_file():
-        raise CliError(f'{weights}: no such file or folder')
+        raise InputError(f'{weights}: no such file or folder')
     if model_name is None:
-        raise CliError(f'{weights}: a weights file needs --model (a converted folder does not)')
-    _split_known_name(model_name)
+        raise InputError(f'{weights}: a weights file needs --model (a converted folder does not)')
+    split_known_name(model_name)
     return _create(model_name, weights).eval()
 
 
 def _load_folder(model_name: Optional[str], folder: Path) -> torch.nn.Module:
     config = _folder_config(folder)
     if config.get('architecture') not in timm.list_models('effnet_v1*'):
-        raise CliError(f"{folder}: holds '{config.get('architecture')}', not an effnet_timm model")
+        raise InputError(f"{folder}: holds '{config.get('architecture')}', not an effnet_timm model")
     if model_name is None:
         return _create(f'local-dir:{folder}', folder)
-    arch, _ = _split_known_name(model_name)
+    arch, _ = split_known_name(model_name)
     if arch != config.get('architecture'):
-        raise CliError(f"{folder} holds {config.get('architecture')}, not {arch}")
+        raise InputError(f"{folder} holds {config.get('architecture')}, not {arch}")
     # A tag brings its own preprocessing (e.g. AdvProp's mean/std) for a folder converted without one.
     return _create(model_name, folder / 'model.safetensors', **config.get('model_args', {}))
 
@@ -138,11 +84,11 @@ def _load_folder(model_name: Optional[str], folder: Path) -> torch.nn.Module:
 def _folder_config(folder: Path) -> Dict[str, Any]:
     path = folder / 'config.json'
     if not path.is_file():
-        raise CliError(f'{folder}: no config.json (not a folder written by effnet-convert)')
+        raise InputError(f'{folder}: no config.json (not a folder written by effnet-convert)')
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise CliError(f'{path}: unreadable: {_first_line(err)}') from None
+        raise InputError(f'{path}: unreadable: {first_line(err)}') from None
 
 
 def _create(model_name: str, weights: Path, **model_args: Any) -> torch.nn.Module:
@@ -154,15 +100,10 @@ def _create(model_name: str, weights: Path, **model_args: Any) -> torch.nn.Modul
     except PretrainedWeightsError:
         raise
     except (OSError, ValueError, RuntimeError, SafetensorError) as err:
-        reason = _first_line(err)
+        reason = first_line(err)
         if reason.startswith('Error(s) in loading state_dict'):  # the key lists below it run for pages
             reason = 'its tensors do not fit this architecture'
-        raise CliError(f'{weights}: cannot load into {model_name}: {reason}') from None
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
-    return text.splitlines()[0]
+        raise InputError(f'{weights}: cannot load into {model_name}: {reason}') from None
 
 
 def read_images(paths: Sequence[Path]) -> List[Tuple[str, bytes]]:
@@ -172,7 +113,7 @@ def read_images(paths: Sequence[Path]) -> List[Tuple[str, bytes]]:
         try:
             images.append((str(path), path.read_bytes()))
         except OSError as err:
-            raise CliError(f'{path}: cannot read image: {err.strerror or _first_line(err)}') from None
+            raise InputError(f'{path}: cannot read image: {err.strerror or first_line(err)}') from None
     return images
 
 
@@ -187,13 +128,13 @@ def _tf_input(transform: TfEvalTransform, name: str, data: bytes) -> torch.Tenso
     try:
         rgb = decode_image(data)
     except UnidentifiedImageError:  # its message names a BytesIO object, not the file
-        raise CliError(f'{name}: cannot decode image: not a format Pillow reads') from None
+        raise InputError(f'{name}: cannot decode image: not a format Pillow reads') from None
     except (OSError, ValueError, RuntimeError) as err:
-        raise CliError(f'{name}: cannot decode image: {_first_line(err)}') from None
+        raise InputError(f'{name}: cannot decode image: {first_line(err)}') from None
     try:
         return transform(rgb)
     except ValueError as err:
-        raise CliError(f'{name}: {_first_line(err)}') from None
+        raise InputError(f'{name}: {first_line(err)}') from None
 
 
 def _timm_input(transform: Any, data: bytes) -> torch.Tensor:
@@ -275,21 +216,13 @@ def _preprocessing_summary(transform: TfEvalTransform, crop: str, data_config: D
     )
 
 
-def _run_predict(args: argparse.Namespace) -> int:
-    images = read_images(args.images)  # before the model is built: a mistyped path fails at once
-    model = load_model(args.model, args.weights)
-    result = predict(model, images, args.topk, args.crop, args.compare_timm_preprocessing)
-    print(json.dumps(result, indent=2) if args.json else format_predictions(result))
-    return 0
-
-
 def format_predictions(result: Dict[str, Any]) -> str:
     pre = result['preprocessing']
     lines = [
         f"model       {result['model']['name']} ({result['model']['weights'] or 'no weights'})",
         f"preprocess  official TF eval: {pre['input_size']}x{pre['input_size']}, centre crop with "
         f"{pre['crop_padding']} px padding ({pre['crop']}, crop_pct {pre['crop_pct']:.4f}), TF1 bicubic, "
-        f"mean/std {_mean_std_name(pre['mean'], pre['std'])}, JPEG decoder {pre['jpeg_decoder']}",
+        f"mean/std {mean_std_name(pre['mean'], pre['std'])}, JPEG decoder {pre['jpeg_decoder']}",
     ]
     for entry in result['images']:
         lines += ['', entry['image'], '  rank  prob    class  name']
@@ -313,77 +246,7 @@ def _format_comparison(cmp: Dict[str, Any], k: int, timm_crop_pct: float) -> str
             f"max {cmp['max_abs_diff']:.4f}; {top1}; {topk}")
 
 
-def _mean_std_name(mean: Sequence[float], std: Sequence[float]) -> str:
+def mean_std_name(mean: Sequence[float], std: Sequence[float]) -> str:
+    """'imagenet' / 'inception' for the two standard normalizations, else the values."""
     key = (tuple(round(m, 3) for m in mean), tuple(round(s, 3) for s in std))
     return MEAN_STD_NAMES.get(key) or f'{list(mean)}/{list(std)}'
-
-
-# ----------------------------------------------------------------------------- info
-
-
-def variant_info(name: str) -> Dict[str, Any]:
-    """Size, cost and preprocessing of a variant at its native size (or of ``variant.tag`` at the tag's)."""
-    from .complexity import count_params_and_macs  # builds models on the meta device
-
-    arch, tag = _split_known_name(name)
-    cfg = pretrained_cfg(arch, tag or None)
-    size = cfg['input_size'][-1]
-    params, macs = count_params_and_macs(arch, size)
-    tags = [tag] if tag else _known_tags(arch)
-    return dict(
-        model=name, params=params, gmacs=macs / 1e9, input_size=size, crop_pct=cfg['crop_pct'],
-        mean=list(cfg['mean']), std=list(cfg['std']),
-        tags=[_tag_info(arch, t) for t in tags],
-    )
-
-
-def _tag_info(arch: str, tag: str) -> Dict[str, Any]:
-    cfg = pretrained_cfg(arch, tag)
-    return dict(tag=tag, input_size=cfg['input_size'][-1], mean=list(cfg['mean']), std=list(cfg['std']),
-                hf_hub_id=cfg['hf_hub_id'])
-
-
-def _run_info(args: argparse.Namespace) -> int:
-    names = [args.model] if args.model else timm.list_models('effnet_v1*')
-    rows = [variant_info(name) for name in names]
-    print(json.dumps(rows, indent=2) if args.json else format_info(rows))
-    return 0
-
-
-def format_info(rows: List[Dict[str, Any]]) -> str:
-    header = ('model', 'params', 'GMACs', 'input', 'crop_pct', 'mean/std', 'pretrained tags (default first)')
-    table = [header] + [_info_cells(row) for row in rows]
-    widths = [max(len(cells[c]) for cells in table) for c in range(len(header) - 1)]
-    right = {1, 2, 3}  # numbers
-    lines = []
-    for cells in table:
-        padded = [cell.rjust(w) if c in right else cell.ljust(w) for c, (cell, w) in enumerate(zip(cells, widths))]
-        lines.append('  '.join(padded + [cells[-1]]).rstrip())
-    lines += [
-        '',
-        'GMACs: multiply-accumulates of the convolutions and classifier for one image at the input size',
-        '(torch.utils.flop_counter FLOPs / 2). *: the tag has its own mean/std (AdvProp: 0.5, inputs in [-1, 1]);',
-        '@N: evaluated at N px. effnet_v1 is the generic width/depth architecture, shown at B0 scale.',
-    ]
-    return '\n'.join(lines)
-
-
-def _info_cells(row: Dict[str, Any]) -> Tuple[str, ...]:
-    return (
-        row['model'], f"{row['params']:,}", f"{row['gmacs']:.3f}", str(row['input_size']), f"{row['crop_pct']:.3f}",
-        _mean_std_name(row['mean'], row['std']),
-        ', '.join(_tag_label(t, row) for t in row['tags']) or 'none',
-    )
-
-
-def _tag_label(tag: Dict[str, Any], row: Dict[str, Any]) -> str:
-    label = tag['tag']
-    if (tag['mean'], tag['std']) != (row['mean'], row['std']):
-        label += '*'
-    if tag['input_size'] != row['input_size']:
-        label += f"@{tag['input_size']}"
-    return label
-
-
-if __name__ == '__main__':
-    sys.exit(main())
