@@ -4,7 +4,8 @@ Importing this package registers `effnet_v1_b0` … `effnet_v1_b8`, `effnet_v1_l
 with timm, so `timm.create_model('effnet_v1_b0', ...)` works afterwards.
 """
 from .config import VARIANTS, BlockConfig, block_table, round_filters, round_repeats
-from .effnet_v1 import PretrainedWeightsError, create_effnet_v1
+from .effnet_v1 import create_effnet_v1
+from .errors import InputError, PretrainedWeightsError
 from .fusion import fuse
 from .model import EffNetV1
 from .pretrained import HUB_ORG, TAGS
