@@ -80,6 +80,21 @@ def _run_info(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- run
+
+
+def _run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument('script', metavar='SCRIPT', help="a Python script, e.g. timm's train.py or validate.py")
+    p.add_argument('script_args', nargs=argparse.REMAINDER, metavar='ARGS',
+                   help="the script's own arguments, passed as sys.argv[1:] (options included)")
+
+
+def _run_run(args: argparse.Namespace) -> int:
+    from effnet_timm.scripts import run_script
+
+    return run_script(args.script, args.script_args)
+
+
 # ----------------------------------------------------------------------------- the command table
 
 
@@ -88,6 +103,8 @@ COMMANDS: Dict[str, Command] = {
                        _predict_arguments, _run_predict),
     'info': Command('parameters, GMACs, preprocessing and pretrained tags of the variants',
                     _info_arguments, _run_info),
+    'run': Command("run a Python script (timm's train.py, validate.py, ...) with the effnet_v1_* models registered",
+                   _run_arguments, _run_run),
 }
 
 
