@@ -21,13 +21,18 @@ from typing import NoReturn
 from tqdm import tqdm
 
 from .errors import CheckpointError
-from .tf_bundle import TensorBundle
+from .tf_bundle import TensorBundle, declared_data_size
 
 _TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 _CHECKPOINT_PATH = re.compile(r'^\s*model_checkpoint_path\s*:\s*"([^"]*)"', re.MULTILINE)
 _DATA_SHARD_SUFFIX = re.compile(r"\.data-\d{5}-of-\d{5}$")
 _CHUNK = 1 << 20
 _DOWNLOAD_TIMEOUT_S = 60
+_INDEX_MEMBER_LIMIT = 64 << 20  # an L2 index is well under 1 MiB
+# Shards hold exactly the declared bytes; the factor and slack only absorb the checkpoint text file and
+# directories, while a member of zeros claiming to be a shard cannot fill the disk.
+_EXPANSION_FACTOR = 2
+_EXPANSION_SLACK = 1 << 20
 
 
 @dataclass
@@ -145,11 +150,13 @@ def _prefix_of(path: Path) -> Path:
     return prefix
 
 
-def _checkpoint_in_dir(directory: Path) -> Path:
-    """The prefix the directory's ``checkpoint`` file names, else its only ``*.index``."""
+def _checkpoint_in_dir(directory: Path, root: Path | None = None) -> Path:
+    """The prefix the directory's ``checkpoint`` file names, else its only ``*.index``.
+
+    ``root``: an unpacked archive's folder; the checkpoint file may then only name files inside it."""
     state = directory / "checkpoint"
     if state.is_file():
-        return _prefix_from_state(state)
+        return _prefix_from_state(state, root)
     indexes = sorted(directory.glob("*.index"))
     if len(indexes) == 1:
         return indexes[0].with_suffix("")
@@ -159,17 +166,29 @@ def _checkpoint_in_dir(directory: Path) -> Path:
     raise CheckpointError(f"{directory}: several checkpoints and no 'checkpoint' file to choose one: {names}")
 
 
-def _prefix_from_state(state: Path) -> Path:
+def _prefix_from_state(state: Path, root: Path | None = None) -> Path:
     match = _CHECKPOINT_PATH.search(state.read_text(errors="replace"))
     if not match:
         raise CheckpointError(f"{state}: no model_checkpoint_path line")
     named = match.group(1)
     stated = state.parent / named  # an absolute ``named`` replaces the directory
     # Checkpoints copied off the training machine keep its paths (even gs://...); the file beside us is meant.
-    for prefix in (stated, state.parent / PurePosixPath(named).name):
+    candidates = [stated, state.parent / PurePosixPath(named).name]
+    if root is not None:
+        # An archive is one file whose sha256 is recorded: it may not pull in files from outside itself,
+        # whether by an absolute path, '..' or a symlink.
+        inside = os.path.realpath(root)
+        candidates = [p for p in candidates if _is_within(f"{p}.index", inside)]
+    for prefix in candidates:
         if Path(f"{prefix}.index").is_file():
             return prefix
-    raise CheckpointError(f'{state}: model_checkpoint_path "{named}" has no index file ({stated}.index)')
+    where = " inside the archive" if root is not None else ""
+    raise CheckpointError(f'{state}: model_checkpoint_path "{named}" has no index file{where} ({stated}.index)')
+
+
+def _is_within(path: str, root: str) -> bool:
+    real = os.path.realpath(path)
+    return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
 
 
 def _from_archive(archive: Path, workdir: Path, origin: str, kind: str, digest: str) -> ResolvedSource:
@@ -181,31 +200,103 @@ def _from_archive(archive: Path, workdir: Path, origin: str, kind: str, digest: 
     if len(folders) > 1:
         names = ", ".join(str(folder.relative_to(root)) for folder in folders)
         raise CheckpointError(f"{archive}: archive holds checkpoints in several folders: {names}")
-    return _resolved(_checkpoint_in_dir(folders[0]), origin, kind, digest)
+    prefix = _checkpoint_in_dir(folders[0], root)
+    resolved = _resolved(prefix, origin, kind, digest)
+    inside = os.path.realpath(root)
+    outside = [str(f) for f in resolved.files if not _is_within(str(f), inside)]
+    if outside:  # e.g. a data shard that is a symlink the safety checks let through
+        raise CheckpointError(f"{archive}: checkpoint file {outside[0]} lies outside the archive")
+    return resolved
 
 
 def _extract(archive: Path, workdir: Path) -> Path:
-    """Unpack into a new folder under ``workdir``, removed again if anything fails."""
+    """Unpack the checkpoint files into a new folder under ``workdir``, removed again if anything fails.
+
+    Only what a checkpoint consists of is written (``checkpoint``, ``*.index``, data shards; not the
+    ``.meta`` graph), and only if it fits what the index declares (`_check_expansion`)."""
     workdir.mkdir(parents=True, exist_ok=True)
     stem = archive.name[: -len(next(s for s in _TAR_SUFFIXES if archive.name.lower().endswith(s)))]
     dest = Path(tempfile.mkdtemp(prefix=f"{stem}-", dir=workdir))
     try:
-        with tarfile.open(archive) as tar:
+        with _open_tar(archive) as tar:
             members = tar.getmembers()
             _check_members(members, archive)
+            wanted = [m for m in members if _is_checkpoint_member(m)]
+            _check_expansion(tar, members, wanted, archive)
             # tarfile's own 'data' filter (Python >= 3.10.12 / 3.11.4) also resolves real paths while
             # extracting; older Pythons rely on _check_members alone.
             if hasattr(tarfile, "data_filter"):
-                tar.extractall(dest, members, filter="data")
+                tar.extractall(dest, wanted, filter="data")
             else:
-                tar.extractall(dest, members)
+                tar.extractall(dest, wanted)
     except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
         shutil.rmtree(dest, ignore_errors=True)
-        raise CheckpointError(f"{archive}: cannot unpack ({exc})") from None
+        raise CheckpointError(f"{archive}: cannot unpack ({_one_line(exc)})") from None
     except BaseException:
         shutil.rmtree(dest, ignore_errors=True)
         raise
     return dest
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _open_tar(archive: Path) -> tarfile.TarFile:
+    """The archive opened as what its first bytes say (gzip or plain tar), so a bad file gets one reason,
+    not tarfile's list of every compression it tried."""
+    with open(archive, "rb") as f:
+        head = f.read(2)
+    if not head:
+        raise CheckpointError(f"{archive}: empty file (0 bytes), not a tar archive")
+    try:
+        return tarfile.open(archive, "r:gz" if head == b"\x1f\x8b" else "r:")
+    except tarfile.ReadError as exc:
+        kind = "gzip-compressed tar" if head == b"\x1f\x8b" else "tar (or gzip-compressed tar)"
+        raise CheckpointError(f"{archive}: not a {kind} archive ({_one_line(exc)})") from None
+
+
+def _is_checkpoint_member(member: tarfile.TarInfo) -> bool:
+    name = PurePosixPath(member.name).name
+    if member.isdir():
+        return True
+    return name == "checkpoint" or name.endswith(".index") or _DATA_SHARD_SUFFIX.search(name) is not None
+
+
+def _check_expansion(
+    tar: tarfile.TarFile, members: list[tarfile.TarInfo], wanted: list[tarfile.TarInfo], archive: Path
+) -> None:
+    """Refuse, before writing anything, an archive that would unpack to far more than its checkpoint needs.
+
+    The data shards hold exactly the tensor bytes the index entries declare; a member's size is what tarfile
+    writes for it (a hard link to a member not extracted writes that member's bytes)."""
+    by_name = {_walk(PurePosixPath(m.name).parts, set()): m for m in members}
+    declared = index_bytes = 0
+    for member in wanted:
+        if member.isreg() and member.name.endswith(".index"):
+            if member.size > _INDEX_MEMBER_LIMIT:
+                raise CheckpointError(
+                    f"{archive}: member '{member.name}' is {member.size} bytes, more than an index can "
+                    f"plausibly be ({_INDEX_MEMBER_LIMIT})"
+                )
+            f = tar.extractfile(member)
+            assert f is not None
+            declared += declared_data_size(f.read(), f"{archive}:{member.name}")
+            index_bytes += member.size
+    total = 0
+    for member in wanted:
+        if member.islnk():
+            target = by_name.get(_walk(PurePosixPath(member.linkname).parts, set()))
+            total += target.size if target is not None and target.isreg() else 0
+        elif member.isreg():
+            total += member.size
+    limit = _EXPANSION_FACTOR * declared + index_bytes + _EXPANSION_SLACK
+    if total > limit:
+        raise CheckpointError(
+            f"{archive}: would unpack {total} bytes of checkpoint files, more than {limit} "
+            f"({_EXPANSION_FACTOR}x the {declared} bytes of tensor data its index declares, plus the index and "
+            f"{_EXPANSION_SLACK} bytes)"
+        )
 
 
 def _check_members(members: list[tarfile.TarInfo], archive: Path) -> None:

@@ -220,6 +220,11 @@ def _read_table(path: Path) -> list[tuple[bytes, bytes]]:
         raise CheckpointError(f"{name}: no such file") from None
     except OSError as exc:
         raise CheckpointError(f"{name}: cannot read ({exc.strerror})") from None
+    return _parse_table(table, name)
+
+
+def _parse_table(table: bytes, name: str) -> list[tuple[bytes, bytes]]:
+    """All key/value pairs of the index table ``table`` (the bytes of file ``name``), every block CRC-checked."""
     if len(table) < _FOOTER_SIZE:
         raise CheckpointError(
             f"{name}: too short for a table footer ({len(table)} < {_FOOTER_SIZE} bytes); truncated?"
@@ -251,6 +256,48 @@ def _read_table(path: Path) -> list[tuple[bytes, bytes]]:
     return entries
 
 
+def _parse_index(pairs: list[tuple[bytes, bytes]], name: str) -> tuple[int, dict[str, _Entry]]:
+    """(num_shards, {tensor name: entry}) of a bundle index's key/value pairs."""
+    if not pairs or pairs[0][0] != _HEADER_KEY:
+        raise CheckpointError(f"{name}: no bundle header entry; not a TensorBundle index")
+    entries: dict[str, _Entry] = {}
+    key = _HEADER_KEY
+    try:
+        num_shards, endianness = _parse_header(pairs[0][1])
+        for key, value in pairs[1:]:
+            # Slices of partitioned tensors are stored under binary keys starting with a 0 byte
+            # (checkpoint::EncodeTensorNameSlice); the full tensor's own entry lists them.
+            if key.startswith(b"\x00"):
+                continue
+            tensor = key.decode("utf-8")
+            if tensor in entries:
+                # TF's reader stops at the first match, a dict keeps the last: refuse rather than pick.
+                raise CheckpointError(f"{name}: tensor '{tensor}' is listed twice in the index")
+            entries[tensor] = _parse_entry(value)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{name}: entry {key!r}: malformed ({exc})") from None
+    if endianness == _BIG_ENDIAN:
+        raise CheckpointError(f"{name}: big-endian bundles are not supported")
+    if endianness != 0:
+        raise CheckpointError(f"{name}: unknown endianness {endianness} in the bundle header")
+    if num_shards < 1:
+        raise CheckpointError(f"{name}: bundle header claims {num_shards} data shards")
+    for tensor, entry in entries.items():
+        if not entry.sliced and not 0 <= entry.shard_id < num_shards:
+            raise CheckpointError(
+                f"{name}: tensor '{tensor}': shard {entry.shard_id} out of range (0..{num_shards - 1})"
+            )
+    return num_shards, entries
+
+
+def declared_data_size(index: bytes, name: str) -> int:
+    """Bytes of tensor data an index's entries claim (what its data shards must hold), index CRC-checked.
+
+    Lets an archive be judged before it is unpacked: what it may expand to is bounded by this."""
+    _, entries = _parse_index(_parse_table(index, name), name)
+    return sum(entry.size for entry in entries.values() if not entry.sliced)
+
+
 def _map_file(path: Path) -> mmap.mmap | bytes:
     try:
         with open(path, "rb") as f:
@@ -275,8 +322,12 @@ class TensorBundle:
         self.prefix = Path(prefix)
         self.index_path = Path(f"{self.prefix}.index")
         self._maps: list[mmap.mmap | bytes] | None = None
-        num_shards, self._entries = self._read_index()
-        self.data_paths = [Path(f"{self.prefix}.data-{i:05d}-of-{num_shards:05d}") for i in range(num_shards)]
+        num_shards, self._entries = _parse_index(_read_table(self.index_path), str(self.index_path))
+        # Only the shards some tensor lives in: the header's count is a claim (an 80-byte index can say
+        # millions), and TF's reader too opens a shard only when a tensor in it is read.
+        used = sorted({e.shard_id for e in self._entries.values() if not e.sliced} or {0})
+        self._shard_slot = {shard: slot for slot, shard in enumerate(used)}
+        self.data_paths = [Path(f"{self.prefix}.data-{i:05d}-of-{num_shards:05d}") for i in used]
         self._maps = []
         try:
             for path in self.data_paths:
@@ -286,51 +337,24 @@ class TensorBundle:
             self.close()
             raise
 
-    def _read_index(self) -> tuple[int, dict[str, _Entry]]:
-        pairs = _read_table(self.index_path)
-        if not pairs or pairs[0][0] != _HEADER_KEY:
-            raise CheckpointError(f"{self.index_path}: no bundle header entry; not a TensorBundle index")
-        entries: dict[str, _Entry] = {}
-        key = _HEADER_KEY
-        try:
-            num_shards, endianness = _parse_header(pairs[0][1])
-            for key, value in pairs[1:]:
-                # Slices of partitioned tensors are stored under binary keys starting with a 0 byte
-                # (checkpoint::EncodeTensorNameSlice); the full tensor's own entry lists them.
-                if not key.startswith(b"\x00"):
-                    entries[key.decode("utf-8")] = _parse_entry(value)
-        except ValueError as exc:
-            raise CheckpointError(f"{self.index_path}: entry {key!r}: malformed ({exc})") from None
-        if endianness == _BIG_ENDIAN:
-            raise CheckpointError(f"{self.index_path}: big-endian bundles are not supported")
-        if endianness != 0:
-            raise CheckpointError(f"{self.index_path}: unknown endianness {endianness} in the bundle header")
-        if num_shards < 1:
-            raise CheckpointError(f"{self.index_path}: bundle header claims {num_shards} data shards")
-        return num_shards, entries
-
     def _check_extents(self) -> None:
         """Catch truncated shards at open time, before any tensor is requested."""
         assert self._maps is not None
         for name, entry in self._entries.items():
             if entry.sliced:
                 continue
-            if not 0 <= entry.shard_id < len(self._maps):
-                raise CheckpointError(
-                    f"{self.index_path}: tensor '{name}': shard {entry.shard_id} "
-                    f"out of range (0..{len(self._maps) - 1})"
-                )
+            slot = self._shard_slot[entry.shard_id]
             end = entry.offset + entry.size
-            available = len(self._maps[entry.shard_id])
+            available = len(self._maps[slot])
             if end > available:
                 raise CheckpointError(
-                    f"{self.data_paths[entry.shard_id]}: tensor '{name}' extends past end of file "
+                    f"{self.data_paths[slot]}: tensor '{name}' extends past end of file "
                     f"(needs bytes [{entry.offset}, {end}), file has {available}); truncated?"
                 )
 
     @property
     def files(self) -> list[Path]:
-        """The index file and every data shard."""
+        """The index file and every data shard that holds a tensor."""
         return [self.index_path, *self.data_paths]
 
     def keys(self) -> list[str]:
@@ -389,11 +413,12 @@ class TensorBundle:
                 f"shape {entry.shape} of {dtype} ({expected_size} bytes)"
             )
         # Copy, then checksum the copy: one pass over the mapping, and no buffer export pins the mmap open.
-        raw = np.frombuffer(self._maps[entry.shard_id], np.uint8, entry.size, entry.offset).copy()
+        slot = self._shard_slot[entry.shard_id]
+        raw = np.frombuffer(self._maps[slot], np.uint8, entry.size, entry.offset).copy()
         stored, computed = _unmask(entry.masked_crc), crc32c.crc32c(raw)
         if stored != computed:
             raise CheckpointError(
-                f"{self.data_paths[entry.shard_id]}: tensor '{name}': CRC32C mismatch "
+                f"{self.data_paths[slot]}: tensor '{name}': CRC32C mismatch "
                 f"(stored 0x{stored:08x}, computed 0x{computed:08x})"
             )
         return raw.view(dtype).reshape(entry.shape)
@@ -405,8 +430,17 @@ class TensorBundle:
 
     @property
     def global_step(self) -> int | None:
-        """The ``global_step`` scalar, which TF1 training checkpoints carry; ``None`` if absent."""
-        return int(self.get("global_step")) if "global_step" in self else None
+        """The ``global_step`` scalar, which TF1 training checkpoints carry; ``None`` if absent.
+
+        Anything but an integer scalar is an error: TF1's global step is an int64 scalar variable."""
+        if "global_step" not in self:
+            return None
+        shape, dtype = self.shape("global_step"), self.dtype("global_step")
+        if shape != () or dtype != np.int64:
+            raise CheckpointError(
+                f"{self.index_path}: tensor 'global_step': {dtype} of shape {shape}, expected an int64 scalar"
+            )
+        return int(self.get("global_step"))
 
     def close(self) -> None:
         """Unmap the data shards; arrays already returned by ``get`` stay valid."""
