@@ -5,6 +5,7 @@ module, and it reads `default_cfgs` while the entrypoints are being decorated: k
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -13,8 +14,10 @@ from timm.models._builder import _resolve_pretrained_source
 
 from .config import VARIANTS
 from .errors import PretrainedWeightsError
+from .integrity import verify_folder
 from .model import EffNetV1
-from .pretrained import default_cfg_table, pretrained_cfg
+from .pretrained import TAGS, default_cfg_table, pretrained_cfg
+from .weights_cache import resolve_pretrained_file
 
 __all__ = ['PretrainedWeightsError', 'create_effnet_v1']
 
@@ -25,28 +28,49 @@ default_cfgs = generate_default_cfgs({
 })
 
 
-def _weights_source(variant: str, kwargs: dict) -> str:
+def _weights_source(cfg) -> str:
     """Where timm will load weights from, or '' if nowhere (timm would then silently keep random weights)."""
-    cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
     load_from, location = _resolve_pretrained_source(cfg.to_dict())
     if not load_from:
         return ''
     return load_from if load_from == 'state_dict' else f'{load_from} {location}'
 
 
+def _explicit_source(cfg, overlay) -> bool:
+    """A file, state dict, folder (`local-dir:`) or Hub repo (`hf-hub:`, an overlaid id/url) the user named."""
+    overlay = overlay or {}
+    return bool(cfg.state_dict is not None or cfg.file or cfg.source in ('hf-hub', 'local-dir')
+                or any(overlay.get(k) for k in ('file', 'state_dict', 'url', 'hf_hub_id')))
+
+
+def _official_tag(variant: str, tag) -> bool:
+    return tag in TAGS and variant in TAGS[tag].variants
+
+
 def create_effnet_v1(variant: str, pretrained: bool = False, **kwargs: Any) -> EffNetV1:
-    """Build `variant` through timm's builder; a pretrained request that cannot be met fails in one line."""
+    """Build `variant` through timm's builder; a pretrained request that cannot be met fails in one line.
+
+    Registered tags without an explicit weight file resolve through `weights_cache.resolve_pretrained_file`:
+    our cache, the published Hub repo, then the official tarball (downloaded, converted and cached once).
+    """
     if kwargs.get('features_only') and 'feature_cls' not in kwargs:
         kwargs['feature_cls'] = 'getter'  # uses forward_intermediates; respects out_indices
     if not pretrained:
         return build_model_with_cfg(EffNetV1, variant, pretrained, **kwargs)
-    source = _weights_source(variant, kwargs)
-    tag = kwargs.get('pretrained_cfg') if isinstance(kwargs.get('pretrained_cfg'), str) else None
-    name = f'{variant}.{tag}' if tag else variant
+    overlay = kwargs.get('pretrained_cfg_overlay')
+    cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), overlay)
+    name = f'{variant}.{cfg.tag}' if cfg.tag else variant
+    if not _explicit_source(cfg, overlay) and _official_tag(variant, cfg.tag):
+        path = resolve_pretrained_file(variant, cfg.tag, cfg.hf_hub_id, kwargs.get('cache_dir'))
+        kwargs['pretrained_cfg_overlay'] = dict(overlay or {}, file=str(path))
+        return build_model_with_cfg(EffNetV1, variant, pretrained, **kwargs)
+    source = _weights_source(cfg)
     if not source:
         raise PretrainedWeightsError(
             f'{name}: no pretrained weights are defined; pick a tag ({", ".join(_tags_of(variant)) or "none"}) '
             f'or pass pretrained_cfg_overlay=dict(file=...) with a file made by effnet-convert')
+    if cfg.source == 'local-dir' and cfg.file:
+        verify_folder(Path(cfg.file))  # a converted folder is trusted only when its recorded sha256 match
     try:
         return build_model_with_cfg(EffNetV1, variant, pretrained, **kwargs)
     except (OSError, ValueError, ConnectionError) as err:
