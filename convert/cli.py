@@ -1,16 +1,18 @@
-"""`effnet-convert`: official TF checkpoint → a folder timm loads."""
+"""`effnet-convert`: official TF checkpoint → a folder timm loads.
+
+Arguments are parsed before anything heavy is imported (torch, timm, effnet_timm, the converter), so
+`--help` and argument errors are instant; each runner imports what it needs.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
-from effnet_timm.pretrained import HUB_ORG
-
-from .converter import ConversionResult, convert
-from .errors import CheckpointError
-from .hub import FamilyRow, HubError, publish_family, push_folder
+if TYPE_CHECKING:
+    from .converter import ConversionResult
+    from .hub import FamilyRow
 
 DEMO_CHECKPOINT = Path(__file__).resolve().parent / 'demo' / 'efficientnet-tiny'
 DEMO_IMAGE_SIZE = 96
@@ -32,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
                         help='use the raw variables instead of their ExponentialMovingAverage shadows')
     parser.add_argument('--allow-partial-ema', action='store_true',
                         help='use raw values where a variable has no EMA shadow')
-    parser.add_argument('--image-size', type=int, help='input size for the config (default: the variant\'s)')
+    parser.add_argument('--image-size', type=int,
+                        help='input size for the config, 1 to 4096 (default: the variant\'s)')
     parser.add_argument('--sha256', help='expected sha256 of a tarball SOURCE')
     parser.add_argument('--verify', action='store_true',
                         help='compare logits with TensorFlow on sample photos (needs tensorflow)')
@@ -48,13 +51,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     source, image_size = args.source, args.image_size
     if source is None:
-        source, image_size = str(DEMO_CHECKPOINT), image_size or DEMO_IMAGE_SIZE
+        source = str(DEMO_CHECKPOINT)
+        image_size = DEMO_IMAGE_SIZE if image_size is None else image_size
+    from effnet_timm.errors import InputError
     try:
+        from .converter import convert
         result = convert(
             source, args.out, variant=args.variant, tag=args.tag, ema=args.ema,
             allow_partial_ema=args.allow_partial_ema, image_size=image_size, sha256=args.sha256,
             verify=args.verify, overwrite=args.overwrite, progress=not args.quiet)
-    except CheckpointError as err:
+    except InputError as err:
         print(f'effnet-convert: error: {err}', file=sys.stderr)
         return 2
     print(summary(result))
@@ -67,7 +73,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def summary(result: ConversionResult) -> str:
     arch = result.architecture
-    extra = '' if arch.variant != 'effnet_v1' else f', width_coefficient={arch.width}, depth_coefficient={arch.depth}'
     rows = [
         ('architecture', f'{arch.variant} (width {arch.width}, depth {arch.depth}), {arch.num_classes} classes, '
                          f'TF scope {arch.scope}'),
@@ -84,8 +89,13 @@ def summary(result: ConversionResult) -> str:
     else:
         rows.append(('verification', 'not run (add --verify; needs tensorflow)'))
     rows += [(('note', n)) for n in result.notes]
-    rows.append(('load with', f"timm.create_model('{arch.variant}', pretrained=True{extra}, "
-                              f"pretrained_cfg_overlay=dict(file='{result.out_dir / 'model.safetensors'}'))"))
+    # local-dir: reads config.json, so the folder's architecture, mean/std, crop and tag all come along;
+    # a bare architecture name with only a file overlay would get the default tag's preprocessing.
+    rows.append(('load with', f"import effnet_timm, timm; timm.create_model('local-dir:{result.out_dir}', "
+                              f"pretrained=True)"))
+    if result.tag:
+        rows.append(('or', f"timm.create_model('{arch.variant}.{result.tag}', pretrained=True, "
+                           f"pretrained_cfg_overlay=dict(file='{result.out_dir / 'model.safetensors'}'))"))
     width = max(len(k) for k, _ in rows)
     return '\n'.join([f'converted -> {result.out_dir}'] + [f'  {k:<{width}}  {v}' for k, v in rows])
 
@@ -96,8 +106,8 @@ def _push_parser() -> argparse.ArgumentParser:
         description='Publish a converted folder (model.safetensors, config.json, README.md) on the Hugging Face Hub '
                     'in one commit. The token comes from HF_TOKEN or `hf auth login`.')
     parser.add_argument('folder', type=Path, help='a folder written by effnet-convert')
-    parser.add_argument('--repo-id', help=f"ORG/NAME (default: the official {HUB_ORG}/<variant>.<tag> of the "
-                        "folder's tag)")
+    parser.add_argument('--repo-id', help="ORG/NAME (default: the official effnet_timm.HUB_ORG/<variant>.<tag> "
+                        "of the folder's tag)")
     parser.add_argument('--private', action='store_true', help='create the repo private (if it does not exist)')
     parser.add_argument('--revision', help='branch to commit to, created if missing (default: main)')
     return parser
@@ -105,11 +115,14 @@ def _push_parser() -> argparse.ArgumentParser:
 
 def _push(argv: List[str]) -> int:
     args = _push_parser().parse_args(argv)
+    from effnet_timm.errors import InputError
+
+    from .hub import HubError, push_folder
     try:
         result = push_folder(args.folder, args.repo_id, private=args.private, revision=args.revision)
-    except (CheckpointError, HubError) as err:
+    except (InputError, HubError) as err:
         print(f'effnet-convert push: error: {err}', file=sys.stderr)
-        return 2 if isinstance(err, CheckpointError) else 1
+        return 2 if isinstance(err, InputError) else 1
     where = f'{result.repo_id}@{result.revision}'
     print(f'pushed {args.folder} -> {where}, commit {result.commit}' if result.changed
           else f'up to date: {where} already holds these files (commit {result.commit}); nothing committed')
@@ -127,8 +140,8 @@ def _family_parser() -> argparse.ArgumentParser:
     parser.add_argument('tarball_dir', type=Path, help='folder holding the official .tar.gz files')
     parser.add_argument('--tag', required=True, help='the family: in1k, aa_in1k, ra_in1k, ap_in1k, ns_jft_in1k, '
                         'ns_jft_in1k_475')
-    parser.add_argument('--org', default=HUB_ORG,
-                        help=f'Hub organization (default: {HUB_ORG}, the one registered tags load from)')
+    parser.add_argument('--org', help='Hub organization (default: effnet_timm.HUB_ORG, the one registered tags '
+                        'load from)')
     parser.add_argument('--out', type=Path, help='where conversions are kept (default: TARBALL_DIR/converted)')
     parser.add_argument('--private', action='store_true', help='create missing repos private')
     parser.add_argument('--verify', action='store_true', help='verify each conversion against TensorFlow')
@@ -138,10 +151,14 @@ def _family_parser() -> argparse.ArgumentParser:
 
 def _publish_family(argv: List[str]) -> int:
     args = _family_parser().parse_args(argv)
+    from effnet_timm.errors import InputError
+    from effnet_timm.pretrained import HUB_ORG
+
+    from .hub import publish_family
     try:
-        rows = publish_family(args.tarball_dir, args.tag, org=args.org, out_dir=args.out,
+        rows = publish_family(args.tarball_dir, args.tag, org=args.org or HUB_ORG, out_dir=args.out,
                               private=args.private, verify=args.verify, progress=not args.quiet)
-    except CheckpointError as err:
+    except InputError as err:
         print(f'effnet-convert publish-family: error: {err}', file=sys.stderr)
         return 2
     print(_table(rows))

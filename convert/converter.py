@@ -1,9 +1,12 @@
 """Official checkpoint → a folder timm loads: `model.safetensors`, `config.json`, `README.md`."""
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -15,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 import effnet_timm  # noqa: F401  (registers the architectures with timm)
+from effnet_timm.integrity import file_digests
 from effnet_timm.pretrained import TAGS, official_url, pretrained_cfg
 
 from .errors import CheckpointError
@@ -23,7 +27,13 @@ from .mapping import EMA_SUFFIX, RMSPROP_SUFFIXES, Architecture, Slot, detect_ar
 from .sources import ResolvedSource, resolve_source, sha256_file
 from .tf_bundle import TensorBundle
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; the final rename alone still refuses a non-empty target
+    fcntl = None
+
 CONVERTER_VERSION = effnet_timm.__version__
+MAX_IMAGE_SIZE = 4096  # beyond any official eval size (L2: 800) by 5x; larger is a typo, not a config
 
 
 @dataclass
@@ -34,6 +44,12 @@ class Weights:
     official: Dict[str, np.ndarray]  # '<scope>/<name>' → chosen value in TF layout, if kept (TF references)
     ema_used: bool
     global_step: Optional[int]
+    raw_fallback: List[str] = field(default_factory=list)  # with --allow-partial-ema: variables without shadows
+
+    @property
+    def ema_label(self) -> str:
+        """'true', 'false' or 'partial' (EMA shadows where present, raw values for `raw_fallback`)."""
+        return 'partial' if self.ema_used and self.raw_fallback else str(self.ema_used).lower()
 
 
 @dataclass
@@ -48,15 +64,25 @@ class ConversionResult:
     sources: List[Dict[str, str]]
     verification: Optional[Dict[str, object]] = None
     notes: List[str] = field(default_factory=list)
+    raw_fallback: List[str] = field(default_factory=list)
 
 
 def read_weights(
         bundle: TensorBundle, variant: Optional[str] = None, ema: bool = True,
         allow_partial_ema: bool = False, progress: bool = False, keep_official: bool = True,
+        tag: Optional[str] = None,
 ) -> Weights:
-    """Fill every tensor of the detected architecture exactly once; anything unexpected is an error."""
+    """Fill every tensor of the detected architecture exactly once; anything unexpected is an error.
+
+    `tag` is checked against the detected variant before any tensor is read."""
     shapes = {name: bundle.shape(name) for name in bundle.keys()}
-    arch = detect_architecture(shapes, variant)
+    try:
+        arch = detect_architecture(shapes, variant)
+    except CheckpointError as err:
+        raise CheckpointError(f'{bundle.index_path}: {err}') from None
+    if tag is not None:
+        check_tag(tag, arch.variant)
+    global_step = bundle.global_step  # checked (an int64 scalar) before the long read
     slots = official_layout(arch.width, arch.depth, arch.num_classes, arch.bn)
     names = {slot: f'{arch.scope}/{slot.tf_name}' for slot in slots}
     ema_used = ema and _use_ema(names.values(), shapes, bundle, allow_partial_ema)
@@ -64,13 +90,13 @@ def read_weights(
     state: Dict[str, torch.Tensor] = {}
     official: Dict[str, np.ndarray] = {}
     used = set()
+    raw_fallback = []
     for slot in _progress(slots, progress, 'reading tensors'):
         name = names[slot]
         source = name + EMA_SUFFIX if ema_used and name + EMA_SUFFIX in shapes else name
-        value = bundle.get(source)
-        if value.shape != slot.tf_shape:
-            raise CheckpointError(f"{bundle.index_path}: tensor '{source}': shape {value.shape}, expected {slot.tf_shape}")
-        value = value.astype(np.float32, copy=False)
+        if ema_used and source == name:
+            raw_fallback.append(name)
+        value = _read_variable(bundle, source, slot.tf_shape)
         state[slot.key] = torch.from_numpy(to_torch_layout(value, slot.layout))
         if keep_official:  # a second copy of the weights: only --verify needs it
             official[name] = value
@@ -78,7 +104,28 @@ def read_weights(
     _check_leftovers(bundle, shapes, used, names.values())
     for name in shapes.keys() - used:
         bundle.get(name)  # CRC-checks the tensors not converted too: a damaged file is not to be trusted
-    return Weights(arch, state, official, ema_used, bundle.global_step)
+    return Weights(arch, state, official, ema_used, global_step, raw_fallback)
+
+
+def _read_variable(bundle: TensorBundle, source: str, shape: Tuple[int, ...]) -> np.ndarray:
+    """One model variable as the official graph stores it: float32, the layout's shape, finite values.
+
+    A cast would hide what the file holds (float16 rounding, int32 truncation), and NaN/Inf in a weight
+    gives NaN logits: both are refused, not repaired."""
+    if bundle.shape(source) != shape:
+        raise CheckpointError(f"{bundle.index_path}: tensor '{source}': shape {bundle.shape(source)}, expected {shape}")
+    dtype = bundle.dtype(source)
+    if dtype != np.float32:
+        raise CheckpointError(f"{bundle.index_path}: tensor '{source}': dtype {dtype}, expected float32 "
+                              f"(the official variables' dtype; not cast)")
+    value = bundle.get(source)
+    finite = np.isfinite(value)
+    if not finite.all():
+        bad = int(finite.size - np.count_nonzero(finite))
+        first = tuple(int(i) for i in np.argwhere(~finite)[0])
+        raise CheckpointError(f"{bundle.data_path(source)}: tensor '{source}': {bad} of {value.size} values are "
+                              f"NaN or Inf (first at index {first}: {value[first]})")
+    return value
 
 
 def _use_ema(names, shapes, bundle: TensorBundle, allow_partial: bool) -> bool:
@@ -127,14 +174,25 @@ def build_model(arch: Architecture, tag: Optional[str] = None, image_size: Optio
 
 def _pretrained_cfg(arch: Architecture, tag: Optional[str], image_size: Optional[int]) -> Dict[str, object]:
     if tag is not None:
-        if tag not in TAGS:
-            raise CheckpointError(f"unknown tag '{tag}' (known: {', '.join(TAGS)})")
-        if arch.variant not in TAGS[tag].variants:
-            raise CheckpointError(f"tag '{tag}' has no official {arch.variant} checkpoint "
-                                  f"(it has: {', '.join(TAGS[tag].variants)})")
+        check_tag(tag, arch.variant)
     cfg = pretrained_cfg(arch.variant, tag, image_size, architecture=arch.variant, num_classes=arch.num_classes)
     cfg.pop('hf_hub_id', None)  # the converted folder is the weight source, not the Hub
     return cfg
+
+
+def check_tag(tag: str, variant: Optional[str] = None) -> None:
+    """`tag` names a checkpoint family (that has `variant`, when given), or CheckpointError."""
+    if tag not in TAGS:
+        raise CheckpointError(f"unknown tag '{tag}' (known: {', '.join(TAGS)})")
+    if variant is not None and variant not in TAGS[tag].variants:
+        raise CheckpointError(f"tag '{tag}' has no official {variant} checkpoint "
+                              f"(it has: {', '.join(TAGS[tag].variants)})")
+
+
+def check_image_size(image_size: Optional[int]) -> None:
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
+                                   or not 1 <= image_size <= MAX_IMAGE_SIZE):
+        raise CheckpointError(f'image size {image_size!r}: expected a whole number of pixels, 1 to {MAX_IMAGE_SIZE}')
 
 
 def guess_tag(origin: str) -> Optional[str]:
@@ -161,44 +219,164 @@ def convert(
         overwrite: bool = False,
         progress: bool = False,
 ) -> ConversionResult:
-    """Convert an official checkpoint (dir, prefix, tarball or URL) into `out_dir`, atomically."""
+    """Convert an official checkpoint (dir, prefix, tarball or URL) into `out_dir`, atomically.
+
+    Everything is written into a temporary folder beside `out_dir` (named `.<name>.tmp-<host>-<pid>-<rand>`;
+    a later run removes those whose process is dead) and renamed into place at the end, under a lock on the
+    parent folder: of several conversions to one `out_dir`, exactly one wins and the others raise. Nothing is
+    left behind on failure, including parent folders this call created.
+    """
     started = time.perf_counter()
     out_dir = Path(out_dir).absolute()
-    if out_dir.exists() and not overwrite:
+    check_image_size(image_size)
+    if tag is not None:
+        check_tag(tag)  # an unknown name fails before any download or read
+    if os.path.lexists(out_dir) and not overwrite:
         raise CheckpointError(f'{out_dir}: already exists (pass --overwrite to replace it)')
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f'.{out_dir.name}.', dir=out_dir.parent))
+    created = _make_parents(out_dir.parent)
+    done = False
     try:
-        resolved = resolve_source(source, work / 'source', sha256)
-        with TensorBundle(resolved.prefix) as bundle:
-            weights = read_weights(bundle, variant, ema, allow_partial_ema, progress, keep_official=verify)
-        notes = []
-        if tag is None:
-            tag = guess_tag(resolved.origin)
-            if tag is not None and weights.architecture.variant not in TAGS[tag].variants:
-                tag = None
-        if tag is None:
-            notes.append('no --tag: ImageNet mean/std assumed (AdvProp checkpoints need --tag ap_in1k)')
-        model = build_model(weights.architecture, tag, image_size)
-        model.load_state_dict(weights.state_dict, strict=True, assign=True)  # adopt the arrays, no copy
-        sources = _source_files(resolved)
-        verification = None
-        if verify:
-            from .verify import verify_against_tensorflow
-            verification = verify_against_tensorflow(model, weights)
-        staging = work / 'out'
-        staging.mkdir()
-        result = ConversionResult(
-            out_dir, weights.architecture, tag, weights.ema_used, len(weights.state_dict),
-            sum(p.numel() for p in model.parameters()), 0.0, sources, verification, notes)
-        _write_folder(staging, model, weights, result, resolved)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
+        _remove_stale_temps(out_dir)
+        work = _output_call(out_dir, lambda: Path(tempfile.mkdtemp(prefix=_temp_prefix(out_dir), dir=out_dir.parent)))
+        try:
+            result = _convert_into(work, source, out_dir, variant, tag, ema, allow_partial_ema, image_size, sha256,
+                                   verify, overwrite, progress)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
         result.seconds = time.perf_counter() - started
+        done = True
         return result
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if not done:
+            _remove_created(created)
+
+
+def _convert_into(work: Path, source: str, out_dir: Path, variant: Optional[str], tag: Optional[str], ema: bool,
+                  allow_partial_ema: bool, image_size: Optional[int], sha256: Optional[str], verify: bool,
+                  overwrite: bool, progress: bool) -> ConversionResult:
+    resolved = resolve_source(source, work / 'source', sha256)
+    with TensorBundle(resolved.prefix) as bundle:
+        weights = read_weights(bundle, variant, ema, allow_partial_ema, progress, keep_official=verify, tag=tag)
+    notes = []
+    if tag is None:
+        tag = guess_tag(resolved.origin)
+        if tag is not None and weights.architecture.variant not in TAGS[tag].variants:
+            tag = None
+    if tag is None:
+        notes.append('no --tag: ImageNet mean/std assumed (AdvProp checkpoints need --tag ap_in1k)')
+    if weights.raw_fallback:
+        notes.append(f'--allow-partial-ema: {len(weights.raw_fallback)} variables have no EMA shadow and use raw '
+                     f'values (first: {weights.raw_fallback[0]})')
+    model = build_model(weights.architecture, tag, image_size)
+    model.load_state_dict(weights.state_dict, strict=True, assign=True)  # adopt the arrays, no copy
+    sources = _source_files(resolved)
+    verification = None
+    if verify:
+        from .verify import verify_against_tensorflow
+        verification = verify_against_tensorflow(model, weights)
+    result = ConversionResult(
+        out_dir, weights.architecture, tag, weights.ema_used, len(weights.state_dict),
+        sum(p.numel() for p in model.parameters()), 0.0, sources, verification, notes, weights.raw_fallback)
+    staging = work / 'out'
+    _output_call(out_dir, lambda: staging.mkdir())
+    _output_call(out_dir, lambda: _write_folder(staging, model, weights, result, resolved))
+    _output_call(out_dir, lambda: _move_into_place(staging, out_dir, work, overwrite))
+    return result
+
+
+def _output_call(out_dir: Path, write):
+    """Run an output step; an OS error (read-only, full disk, a file in the way) becomes one line."""
+    try:
+        return write()
+    except OSError as err:
+        where = err.filename or out_dir
+        raise CheckpointError(f'{out_dir}: cannot write the output ({where}: '
+                              f'{err.strerror or errno.errorcode.get(err.errno or 0, str(err))})') from None
+
+
+def _make_parents(parent: Path) -> List[Path]:
+    """Create `parent` and its missing ancestors; returns those created, outermost first."""
+    missing = []
+    for path in (parent, *parent.parents):
+        if os.path.lexists(path):
+            break
+        missing.append(path)
+    created = []
+    try:
+        for path in reversed(missing):
+            path.mkdir()
+            created.append(path)
+        if not parent.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(parent))
+    except OSError as err:
+        _remove_created(created)
+        raise CheckpointError(f'{parent}: cannot create the output folder here '
+                              f'({err.filename or parent}: {err.strerror or err})') from None
+    return created
+
+
+def _remove_created(created: List[Path]) -> None:
+    for path in reversed(created):
+        try:
+            path.rmdir()  # only if still empty: another process may have put something there meanwhile
+        except OSError:
+            break
+
+
+def _host() -> str:
+    return re.sub(r'[^A-Za-z0-9.]', '_', socket.gethostname()) or 'host'
+
+
+def _temp_prefix(out_dir: Path) -> str:
+    return f'.{out_dir.name}.tmp-{_host()}-{os.getpid()}-'
+
+
+def _remove_stale_temps(out_dir: Path) -> None:
+    """Remove temp folders of earlier conversions to `out_dir` on this host whose process is gone (killed)."""
+    pattern = re.compile(rf'^\.{re.escape(out_dir.name)}\.tmp-{re.escape(_host())}-(\d+)-[A-Za-z0-9_]+$')
+    try:
+        names = os.listdir(out_dir.parent)
+    except OSError:
+        return
+    for name in names:
+        match = pattern.match(name)
+        if match and not _alive(int(match.group(1))):
+            shutil.rmtree(out_dir.parent / name, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, someone else's
+        return True
+    return True
+
+
+def _move_into_place(staging: Path, out_dir: Path, work: Path, overwrite: bool) -> None:
+    """Rename the finished folder to `out_dir`; concurrent conversions to one folder take turns here."""
+    fd = os.open(out_dir.parent, os.O_RDONLY)
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd closes, even if we are killed
+        if os.path.lexists(out_dir):
+            if not overwrite:
+                raise CheckpointError(f'{out_dir}: was created by another process while converting; left as it '
+                                      f'is (pass --overwrite to replace it)')
+            old = work / 'replaced'
+            os.rename(out_dir, old)  # moved aside, not deleted, until the new folder is in place
+            try:
+                os.rename(staging, out_dir)
+            except OSError:
+                os.rename(old, out_dir)
+                raise
+        else:
+            os.rename(staging, out_dir)
+    finally:
+        os.close(fd)
 
 
 def _source_files(resolved: ResolvedSource) -> List[Dict[str, str]]:
@@ -218,7 +396,8 @@ def _write_folder(folder: Path, model: torch.nn.Module, weights: Weights, result
         'width_coefficient': str(arch.width),
         'depth_coefficient': str(arch.depth),
         'tag': result.tag or '',
-        'ema': str(weights.ema_used).lower(),
+        'ema': weights.ema_label,
+        **({'ema_raw_fallback': json.dumps(weights.raw_fallback)} if weights.raw_fallback else {}),
         'tf_scope': arch.scope,
         'global_step': '' if weights.global_step is None else str(weights.global_step),
         'source': _public_source(resolved.origin),
@@ -229,7 +408,7 @@ def _write_folder(folder: Path, model: torch.nn.Module, weights: Weights, result
     save_file(state, str(folder / 'model.safetensors'), metadata=metadata)
     os.chmod(folder / 'model.safetensors', 0o666 & ~_umask())  # safetensors creates it private
     save_config_for_hf(model, str(folder / 'config.json'), model_args=arch.model_args)
-    _add_provenance(folder / 'config.json', metadata, result)
+    _add_provenance(folder / 'config.json', metadata, result, file_digests(folder))
     from .model_card import model_card
     (folder / 'README.md').write_text(model_card(model, metadata, result))
 
@@ -245,17 +424,23 @@ def _umask() -> int:
     return mask
 
 
-def _add_provenance(config_path: Path, metadata: Dict[str, str], result: ConversionResult) -> None:
+def _add_provenance(config_path: Path, metadata: Dict[str, str], result: ConversionResult,
+                    files: Dict[str, Dict[str, object]]) -> None:
     # Root-level keys: timm ignores them when loading, unlike unknown keys inside pretrained_cfg.
     config = json.loads(config_path.read_text())
+    if result.tag:
+        config['pretrained_cfg']['tag'] = result.tag  # local-dir:/hf-hub: loads then report the tag too
     config['effnet_timm'] = {
         'source': metadata['source'],
         'source_files': result.sources,
-        'ema': result.ema_used,
+        'ema': True if metadata['ema'] == 'true' else False if metadata['ema'] == 'false' else 'partial',
         'tf_scope': metadata['tf_scope'],
         'converter': metadata['converter'],
         'verification': result.verification,
+        'files': files,  # size and sha256 of model.safetensors: effnet_timm.integrity.verify_folder
     }
+    if result.raw_fallback:
+        config['effnet_timm']['ema_raw_fallback'] = result.raw_fallback
     if result.tag and result.architecture.variant in TAGS[result.tag].variants:
         config['effnet_timm']['official_url'] = official_url(result.architecture.variant, result.tag)
     config_path.write_text(json.dumps(config, indent=2) + '\n')

@@ -22,6 +22,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
+from effnet_timm.integrity import verify_folder
 from effnet_timm.pretrained import HUB_ORG, TAGS, hub_repo_id, official_url
 
 from .converter import CONVERTER_VERSION, convert
@@ -86,6 +87,7 @@ def read_folder(folder: 'str | Path') -> ConvertedFolder:
     missing = [name for name in HUB_FILES if not (path / name).is_file()]
     if missing:
         raise CheckpointError(f'{path}: missing {", ".join(missing)} (not a folder written by effnet-convert)')
+    verify_folder(path)  # sizes and sha256 recorded at conversion: damaged bytes are never published
     converted = _provenance(path, _safetensors_metadata(path / 'model.safetensors'))
     _check_config(path / 'config.json', converted)
     _check_strict_load(path, converted)

@@ -29,7 +29,7 @@ def model_card(model: torch.nn.Module, metadata: Dict[str, str], result) -> str:
         f'- Checkpoint family: {f"`{tag}`, {family.description}" if family else "not given"}'
         + (f'; official top-1 (tensorflow/tpu README): {top1} %' if top1 else ''),
         *([f'- Official checkpoint: {official_url(arch.variant, tag)}'] if tag else []),
-        f'- Weights: {"ExponentialMovingAverage shadows (as the official eval)" if result.ema_used else "raw variables"}'
+        f'- Weights: {_weights_line(result)}'
         f'; TF scope `{arch.scope}`; global_step {metadata["global_step"] or "n/a"}',
         f'- Source: `{metadata["source"]}`',
         *[f'  - `{f["name"]}` sha256 `{f["sha256"]}`' for f in result.sources],
@@ -102,3 +102,13 @@ def _usage(name: str, repo_id: Optional[str]) -> List[str]:
         '# or from a local copy of this folder:',
         "# model = timm.create_model('local-dir:PATH/TO/FOLDER', pretrained=True).eval()",
     ]
+
+
+def _weights_line(result) -> str:
+    if not result.ema_used:
+        return 'raw variables'
+    if result.raw_fallback:
+        return (f'ExponentialMovingAverage shadows, except {len(result.raw_fallback)} variables without one '
+                f'(raw values, --allow-partial-ema: {", ".join(f"`{n}`" for n in result.raw_fallback[:5])}'
+                f'{" ..." if len(result.raw_fallback) > 5 else ""})')
+    return 'ExponentialMovingAverage shadows (as the official eval)'

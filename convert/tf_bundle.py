@@ -376,6 +376,11 @@ class TensorBundle:
         except KeyError:
             raise CheckpointError(f"{self.index_path}: no tensor named '{name}'") from None
 
+    def data_path(self, name: str) -> Path:
+        """The data shard holding the tensor (its index entry when the tensor is partitioned)."""
+        entry = self._entry(name)
+        return self.index_path if entry.sliced else self.data_paths[self._shard_slot[entry.shard_id]]
+
     def shape(self, name: str) -> tuple[int, ...]:
         """The tensor's full shape (``()`` for a scalar)."""
         return self._entry(name).shape
