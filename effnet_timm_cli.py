@@ -36,12 +36,20 @@ def positive_int(text: str) -> int:
 # ----------------------------------------------------------------------------- predict
 
 
+IMAGE_EXTENSIONS = '.jpg .jpeg .png .bmp .gif .webp .tif .tiff'  # effnet_timm.predict.IMAGE_EXTENSIONS, for --help
+PREDICT_EPILOG = (
+    'Exit status: 0 when every image was classified; 1 when some image could not be read or decoded (it is '
+    'reported in the output with its error, and the others are still classified); 2 for bad arguments or weights.')
+
+
 def _predict_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument('images', nargs='+', type=Path, metavar='IMAGE', help='JPEG, PNG, ... files')
-    p.add_argument('--model', help='effnet_v1_bN[.tag] (optional with a --weights folder: read from its config.json)')
+    p.epilog = PREDICT_EPILOG
+    p.add_argument('images', nargs='+', type=Path, metavar='IMAGE',
+                   help=f'JPEG, PNG, ... files, or folders (their {IMAGE_EXTENSIONS} files, sorted by name)')
+    p.add_argument('--model', help='effnet_v1_bN[.tag] (optional with weights made by effnet-convert: they record it)')
     p.add_argument('--weights', type=Path, metavar='FILE|DIR',
-                   help='a folder written by effnet-convert, or a model.safetensors file (needs --model); '
-                        'default: the pretrained weights of the --model tag')
+                   help='a folder written by effnet-convert, or a model.safetensors file; its recorded '
+                        'architecture, tag and preprocessing are used. Default: the pretrained weights of --model')
     p.add_argument('--topk', type=positive_int, default=5, metavar='K', help='classes shown per image (default 5)')
     p.add_argument('--crop', choices=CROPS, default='padding32',
                    help='centre crop: 32 px padding as behind the published accuracies (default), or the '
@@ -52,12 +60,16 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    from effnet_timm.predict import format_predictions, load_model, predict, read_images
+    from effnet_timm.predict import format_predictions, image_files, load_model, predict
 
-    images = read_images(args.images)  # before the model is built: a mistyped path fails at once
+    images = image_files(args.images)  # before the model is built: a mistyped path fails at once
     model = load_model(args.model, args.weights)
     result = predict(model, images, args.topk, args.crop, args.compare_timm_preprocessing)
     print(json.dumps(result, indent=2) if args.json else format_predictions(result))
+    if result['failed']:
+        print(f"{PROG}: {result['failed']} of {len(result['images'])} images could not be classified "
+              f"(their errors are in the output)", file=sys.stderr)
+        return 1
     return 0
 
 

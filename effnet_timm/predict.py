@@ -1,28 +1,34 @@
 """Classify images with the official eval preprocessing: the library behind `effnet-timm predict`."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import io
 import json
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import timm
 import torch
 from PIL import Image, UnidentifiedImageError
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 from timm.data import ImageNetInfo, create_transform, infer_imagenet_subset, resolve_data_config
-from timm.models import split_model_name_tag
+from timm.models import PretrainedCfg, split_model_name_tag
 
-from .errors import InputError, PretrainedWeightsError, first_line
+from .errors import InputError, first_line
+from .integrity import verify_folder
 from .preprocessing import TfEvalTransform, create_tf_transform, decode_image
-from .pretrained import TAGS
+from .pretrained import TAGS, pretrained_cfg
 
-__all__ = ['CROPS', 'read_images', 'load_model', 'predict', 'format_predictions', 'split_known_name', 'known_tags',
+__all__ = ['CROPS', 'IMAGE_EXTENSIONS', 'image_files', 'read_images', 'load_model', 'predict', 'format_predictions', 'split_known_name', 'known_tags',
            'mean_std_name']
 
 CROPS = ('padding32', 'fraction')
+# What a folder given as IMAGE contributes (case-insensitive): the formats decode_image reads.
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
+ImageItem = Union[Path, Tuple[str, bytes]]
 MEAN_STD_NAMES = {
     ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)): 'imagenet',
     ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)): 'inception',
@@ -48,73 +54,184 @@ def split_known_name(name: str) -> Tuple[str, str]:
     return arch, tag
 
 
-# ----------------------------------------------------------------------------- predict
+# ----------------------------------------------------------------------------- weights
 
 
 def load_model(model_name: Optional[str], weights: Optional[Path]) -> torch.nn.Module:
-    """The eval-mode model for ``--model`` / ``--weights`` (see the ``predict`` help)."""
+    """The eval-mode model for ``--model`` / ``--weights`` (see the ``predict`` help).
+
+    User weights are a folder written by effnet-convert or a safetensors file. What the conversion recorded
+    wins over the registry: the folder's config.json sets the architecture arguments and the preprocessing
+    (input size, crop, mean/std), the file's metadata sets the variant and the tag. A ``--model`` that
+    contradicts them is an error; a ``--model`` tag on weights converted without one brings its mean/std.
+    A ``model.safetensors`` beside a ``config.json`` is read as that folder. Recorded file digests are
+    checked before the weights are read.
+    """
     if weights is None:
         if model_name is None:
             raise InputError('give --model, --weights, or both')
         split_known_name(model_name)
         return timm.create_model(model_name, pretrained=True).eval()
+    file, folder = _weights_paths(weights)
+    config = _folder_config(folder) if folder is not None else None
+    if folder is not None:
+        verify_folder(folder)  # a flipped byte must not become silently different logits
+    metadata = _safetensors_metadata(file)
+    arch, tag = _resolve_name(model_name, weights, file, config, metadata)
+    model_args = config.get('model_args', {}) if config is not None else _metadata_model_args(arch, metadata)
+    cfg = _weights_cfg(arch, tag, config, file, user_tag=not metadata.get('tag'))
+    try:
+        model = timm.create_model(arch, pretrained=False, pretrained_cfg=cfg, **model_args)
+    except (TypeError, ValueError) as err:
+        raise InputError(f'{_config_or_file(folder, file)}: cannot build {arch} from {model_args}: '
+                         f'{first_line(err)}') from None
+    _load_weights(model, file, arch)
+    return model.eval()
+
+
+def _config_or_file(folder: Optional[Path], file: Path) -> Path:
+    return folder / 'config.json' if folder is not None else file
+
+
+def _weights_paths(weights: Path) -> Tuple[Path, Optional[Path]]:
+    """(the safetensors file, its converted folder or None)."""
     if weights.is_dir():
-        return _load_folder(model_name, weights).eval()
+        if not (weights / 'config.json').is_file():
+            raise InputError(f'{weights}: no config.json (not a folder written by effnet-convert)')
+        file = weights / 'model.safetensors'
+        if not file.is_file():
+            raise InputError(f'{weights}: no model.safetensors (not a folder written by effnet-convert)')
+        return file, weights
     if not weights.is_file():
         raise InputError(f'{weights}: no such file or folder')
-    if model_name is None:
-        raise InputError(f'{weights}: a weights file needs --model (a converted folder does not)')
-    split_known_name(model_name)
-    return _create(model_name, weights).eval()
-
-
-def _load_folder(model_name: Optional[str], folder: Path) -> torch.nn.Module:
-    config = _folder_config(folder)
-    if config.get('architecture') not in timm.list_models('effnet_v1*'):
-        raise InputError(f"{folder}: holds '{config.get('architecture')}', not an effnet_timm model")
-    if model_name is None:
-        return _create(f'local-dir:{folder}', folder)
-    arch, _ = split_known_name(model_name)
-    if arch != config.get('architecture'):
-        raise InputError(f"{folder} holds {config.get('architecture')}, not {arch}")
-    # A tag brings its own preprocessing (e.g. AdvProp's mean/std) for a folder converted without one.
-    return _create(model_name, folder / 'model.safetensors', **config.get('model_args', {}))
+    if weights.name == 'model.safetensors' and (weights.parent / 'config.json').is_file():
+        return weights, weights.parent
+    return weights, None
 
 
 def _folder_config(folder: Path) -> Dict[str, Any]:
     path = folder / 'config.json'
-    if not path.is_file():
-        raise InputError(f'{folder}: no config.json (not a folder written by effnet-convert)')
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise InputError(f'{path}: unreadable: {first_line(err)}') from None
+    if not isinstance(config, dict):
+        raise InputError(f'{path}: not a timm config (a JSON object)')
+    if config.get('architecture') not in timm.list_models('effnet_v1*'):
+        raise InputError(f"{folder}: holds '{config.get('architecture')}', not an effnet_timm model")
+    return config
 
 
-def _create(model_name: str, weights: Path, **model_args: Any) -> torch.nn.Module:
-    """``model_name`` with user-supplied weights: a file, or a folder when the name is ``local-dir:``."""
-    if not model_name.startswith('local-dir:'):
-        model_args['pretrained_cfg_overlay'] = dict(file=str(weights))
+def _safetensors_metadata(file: Path) -> Dict[str, str]:
     try:
-        return timm.create_model(model_name, pretrained=True, **model_args)
-    except PretrainedWeightsError:
-        raise
-    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
-        reason = first_line(err)
-        if reason.startswith('Error(s) in loading state_dict'):  # the key lists below it run for pages
-            reason = 'its tensors do not fit this architecture'
-        raise InputError(f'{weights}: cannot load into {model_name}: {reason}') from None
+        with safe_open(str(file), framework='pt') as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise InputError(f'{file}: not a safetensors file ({first_line(err)}); --weights takes the '
+                         f'model.safetensors written by effnet-convert, or its folder') from None
+
+
+def _resolve_name(model_name: Optional[str], weights: Path, file: Path, config: Optional[Dict[str, Any]],
+                  metadata: Dict[str, str]) -> Tuple[str, str]:
+    """(architecture, tag) from --model checked against what the conversion recorded."""
+    recorded_arch = (config or {}).get('architecture') or metadata.get('variant') or None
+    recorded_tag = metadata.get('tag') or ''
+    if model_name is None:
+        if recorded_arch is None:
+            raise InputError(f'{file}: records no architecture (not written by effnet-convert): give --model')
+        arch, tag = split_known_name(recorded_arch)
+    else:
+        arch, tag = split_known_name(model_name)
+        if recorded_arch is not None and arch != recorded_arch:
+            raise InputError(f'{weights} holds {recorded_arch}, not {arch}')
+    if tag and recorded_tag and tag != recorded_tag:
+        raise InputError(f"{file} was converted with --tag {recorded_tag}, but --model asks for tag {tag}")
+    tag = tag or recorded_tag
+    if tag and tag not in known_tags(arch):
+        raise InputError(f"{file}: recorded tag '{tag}' is not a tag of {arch} "
+                         f"(tags: {', '.join(known_tags(arch)) or 'none'})")
+    return arch, tag
+
+
+def _metadata_model_args(arch: str, metadata: Dict[str, str]) -> Dict[str, Any]:
+    # The generic architecture needs its scale; a named variant fixes it.
+    if arch != 'effnet_v1' or not metadata.get('width_coefficient'):
+        return {}
+    try:
+        return dict(width_coefficient=float(metadata['width_coefficient']),
+                    depth_coefficient=float(metadata['depth_coefficient']))
+    except (KeyError, ValueError):
+        raise InputError(f"safetensors metadata: width/depth coefficients {metadata.get('width_coefficient')!r}/"
+                         f"{metadata.get('depth_coefficient')!r} are not numbers") from None
+
+
+_CFG_FIELDS = frozenset(f.name for f in dataclasses.fields(PretrainedCfg))
+_NORMALIZATION = ('mean', 'std')
+
+
+def _weights_cfg(arch: str, tag: str, config: Optional[Dict[str, Any]], file: Path, user_tag: bool) -> Dict[str, Any]:
+    """The pretrained cfg of user weights: the tag's (or the architecture's), then the folder's config.json."""
+    cfg = pretrained_cfg(arch, tag or None)
+    if config is not None:
+        folder_cfg = {k: v for k, v in (config.get('pretrained_cfg') or {}).items() if k in _CFG_FIELDS}
+        if tag and user_tag:  # converted without a tag: the --model tag brings its normalization
+            folder_cfg = {k: v for k, v in folder_cfg.items() if k not in _NORMALIZATION}
+        cfg.update(folder_cfg)
+    for key in ('hf_hub_id', 'url', 'hf_hub_filename', 'state_dict'):
+        cfg.pop(key, None)  # these weights, never the Hub's
+    cfg.update(architecture=arch, tag=tag or None, file=str(file))
+    return cfg
+
+
+def _load_weights(model: torch.nn.Module, file: Path, arch: str) -> None:
+    try:
+        state = load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise InputError(f'{file}: unreadable: {first_line(err)}') from None
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith('num_batches_tracked')}
+    found = {k: tuple(v.shape) for k, v in state.items() if not k.endswith('num_batches_tracked')}
+    problems = [f'{k} missing' for k in expected if k not in found]
+    problems += [f'{k} unexpected' for k in found if k not in expected]
+    problems += [f'{k} is {list(found[k])}, the model has {list(shape)}'
+                 for k, shape in expected.items() if k in found and found[k] != shape]
+    if problems:
+        more = f' (+{len(problems) - 1} more)' if len(problems) > 1 else ''
+        raise InputError(f'{file}: its tensors do not fit {arch}: {problems[0]}{more}')
+    model.load_state_dict(state, strict=False)  # keys were checked above; BN counters are not stored
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def image_files(paths: Sequence[Path]) -> List[Path]:
+    """The image files named: files as given, folders as their image files (``IMAGE_EXTENSIONS``), sorted."""
+    files = []
+    for path in paths:
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir()
+                           if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith('.') and p.is_file())
+            if not found:
+                raise InputError(f"{path}: a folder with no image files ({' '.join(IMAGE_EXTENSIONS)})")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise InputError(f'{path}: cannot read image: no such file or folder')
+    return files
 
 
 def read_images(paths: Sequence[Path]) -> List[Tuple[str, bytes]]:
-    """``(name, encoded bytes)`` of each image file; the bytes give the TF-exact JPEG decode."""
+    """``(name, encoded bytes)`` of each image file (folders expanded); the bytes give the TF-exact decode."""
     images = []
-    for path in paths:
+    for path in image_files(paths):
         try:
             images.append((str(path), path.read_bytes()))
         except OSError as err:
             raise InputError(f'{path}: cannot read image: {err.strerror or first_line(err)}') from None
     return images
+
+
+# ----------------------------------------------------------------------------- predict
 
 
 def _tf_transform(data_config: Dict[str, Any], crop: str) -> TfEvalTransform:
@@ -124,23 +241,35 @@ def _tf_transform(data_config: Dict[str, Any], crop: str) -> TfEvalTransform:
         return create_tf_transform(data_config, crop=crop)
 
 
-def _tf_input(transform: TfEvalTransform, name: str, data: bytes) -> torch.Tensor:
+def _tf_input(transform: TfEvalTransform, data: bytes) -> torch.Tensor:
     try:
         rgb = decode_image(data)
     except UnidentifiedImageError:  # its message names a BytesIO object, not the file
-        raise InputError(f'{name}: cannot decode image: not a format Pillow reads') from None
+        raise InputError('cannot decode image: not a format Pillow reads') from None
     except (OSError, ValueError, RuntimeError) as err:
-        raise InputError(f'{name}: cannot decode image: {first_line(err)}') from None
+        raise InputError(f'cannot decode image: {first_line(err)}') from None
     try:
         return transform(rgb)
     except ValueError as err:
-        raise InputError(f'{name}: {first_line(err)}') from None
+        raise InputError(first_line(err)) from None
 
 
 def _timm_input(transform: Any, data: bytes) -> torch.Tensor:
-    # timm's datasets decode with Pillow; the TF pipeline has already proved the file decodes.
-    with Image.open(io.BytesIO(data)) as img:
-        return transform(img.convert('RGB'))
+    # timm's datasets decode with Pillow, which may refuse a file the TF pipeline's decoder read.
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return transform(img.convert('RGB'))
+    except (OSError, ValueError, UnidentifiedImageError) as err:
+        raise InputError(f'timm preprocessing: Pillow cannot decode the image: {first_line(err)}') from None
+
+
+def _image_bytes(image: ImageItem) -> Tuple[str, bytes]:
+    if not isinstance(image, Path):
+        return image
+    try:
+        return str(image), image.read_bytes()
+    except OSError as err:
+        raise InputError(f'cannot read image: {err.strerror or first_line(err)}') from None
 
 
 def _class_names(model: torch.nn.Module) -> Optional[ImageNetInfo]:
@@ -173,19 +302,27 @@ def _compare(tf_x: torch.Tensor, timm_x: torch.Tensor, tf_top: List[dict], timm_
 
 
 def predict(
-        model: torch.nn.Module, images: Sequence[Tuple[str, bytes]], topk: int = 5, crop: str = 'padding32',
+        model: torch.nn.Module, images: Sequence[ImageItem], topk: int = 5, crop: str = 'padding32',
         compare_timm: bool = False,
 ) -> Dict[str, Any]:
-    """Top-k of each ``(name, encoded bytes)`` image under the official preprocessing (optionally also timm's)."""
+    """Top-k of each image (a path, or ``(name, encoded bytes)``) under the official preprocessing
+    (optionally also timm's). An image that cannot be read or decoded gets an ``error`` entry instead of
+    ``top``, and the others are still classified; ``failed`` counts those entries."""
     data_config = resolve_data_config({}, model=model)
     tf_transform = _tf_transform(data_config, crop)
     timm_transform = create_transform(**data_config) if compare_timm else None
     labels = _class_names(model)
     results = []
-    for name, data in images:
-        batch = [_tf_input(tf_transform, name, data)]
-        if timm_transform is not None:
-            batch.append(_timm_input(timm_transform, data))
+    for image in images:
+        name = str(image) if isinstance(image, Path) else image[0]
+        try:
+            _, data = _image_bytes(image)
+            batch = [_tf_input(tf_transform, data)]
+            if timm_transform is not None:
+                batch.append(_timm_input(timm_transform, data))
+        except InputError as err:
+            results.append(dict(image=name, error=first_line(err)))
+            continue
         with torch.inference_mode():
             probs = model(torch.stack(batch)).float().softmax(-1)
         entry = dict(image=name, top=_top_k(probs[0], topk, labels))
@@ -193,7 +330,7 @@ def predict(
             entry['timm_preprocessing'] = _compare(batch[0], batch[1], entry['top'], _top_k(probs[1], topk, labels))
         results.append(entry)
     return dict(model=_model_summary(model), preprocessing=_preprocessing_summary(tf_transform, crop, data_config),
-                images=results)
+                images=results, failed=sum('error' in entry for entry in results))
 
 
 def _model_summary(model: torch.nn.Module) -> Dict[str, Any]:
@@ -225,6 +362,9 @@ def format_predictions(result: Dict[str, Any]) -> str:
         f"mean/std {mean_std_name(pre['mean'], pre['std'])}, JPEG decoder {pre['jpeg_decoder']}",
     ]
     for entry in result['images']:
+        if 'error' in entry:
+            lines += ['', entry['image'], f"  error: {entry['error']}"]
+            continue
         lines += ['', entry['image'], '  rank  prob    class  name']
         lines += [f"  {rank:<4}  {r['probability']:.4f}  {r['index']:<5}  {r.get('name', '')}"
                   for rank, r in enumerate(entry['top'], 1)]
