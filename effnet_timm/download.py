@@ -206,11 +206,12 @@ def _stream(url: str, response, state: _PartState, offset: int, total: int, prog
     from tqdm import tqdm
     received = offset
     try:
-        with open(state.part, 'ab') as out, tqdm(
+        # Unbuffered appends and read1: what was received is on disk, so a killed process resumes from it.
+        with open(state.part, 'ab', buffering=0) as out, tqdm(
                 total=total, initial=offset, unit='B', unit_scale=True, unit_divisor=1024, desc=desc,
                 disable=None if progress is None else not progress, leave=False) as bar:
             while received < total:
-                chunk = response.read(min(_CHUNK, total - received))
+                chunk = response.read1(min(_CHUNK, total - received))
                 if not chunk:
                     break
                 out.write(chunk)
