@@ -175,9 +175,11 @@ def detect_architecture(shapes: Dict[str, Tuple[int, ...]], variant: Optional[st
         if variant not in VARIANTS:
             raise CheckpointError(f"unknown variant '{variant}' (known: {', '.join(VARIANTS)})")
         if variant != found:
+            spec = VARIANTS[variant]
+            difference = _first_difference(signature, scope, spec.width, spec.depth, num_classes, bn)
             raise CheckpointError(
                 f"--variant {variant} disagrees with the checkpoint: its tensors are "
-                f"{found or 'no official variant'} ({_describe(signature, scope)})")
+                f"{found or 'no official variant'} ({_describe(signature, scope)}); first difference: {difference}")
     if found:
         spec = VARIANTS[found]
         return Architecture(found, spec.width, spec.depth, num_classes, scope, bn)
@@ -185,8 +187,35 @@ def detect_architecture(shapes: Dict[str, Tuple[int, ...]], variant: Optional[st
     if scale is None:
         raise CheckpointError(
             f"scope '{scope}': the tensors match no EfficientNet V1 layout at any width/depth "
-            f"({_describe(signature, scope)})")
+            f"({_describe(signature, scope)}){_closest(signature, scope, num_classes, bn)}")
     return Architecture('effnet_v1', scale[0], scale[1], num_classes, scope, bn)
+
+
+def _first_difference(signature: Dict[str, Tuple[int, ...]], scope: str, width: float, depth: float,
+                      num_classes: int, bn: str) -> str:
+    """The first variable of the layout that is missing or shaped otherwise, by its full name."""
+    for slot in official_layout(width, depth, num_classes, bn):
+        found = signature.get(slot.tf_name)
+        if found is None:
+            return f"tensor '{scope}/{slot.tf_name}' is missing"
+        if found != slot.tf_shape:
+            return f"tensor '{scope}/{slot.tf_name}' has shape {found}, expected {slot.tf_shape}"
+    return f"{_num_blocks(signature)} blocks"
+
+
+def _closest(signature: Dict[str, Tuple[int, ...]], scope: str, num_classes: int, bn: str) -> str:
+    """'; as <layout>: <first difference>' for the layout whose stem, head and block count fit, if any:
+    usually one variable is missing or damaged, and naming it beats naming the scale."""
+    scales = list(_candidate_scales(signature))
+    official = [(n, v) for n, v in VARIANTS.items() if (v.width, v.depth) in scales]
+    if official:
+        label, (width, depth) = official[0][0], (official[0][1].width, official[0][1].depth)
+    elif scales:
+        (width, depth) = scales[0]
+        label = f'width {width}, depth {depth}'
+    else:
+        return ''
+    return f'; as {label}: {_first_difference(signature, scope, width, depth, num_classes, bn)}'
 
 
 def _describe(signature: Dict[str, Tuple[int, ...]], scope: str) -> str:

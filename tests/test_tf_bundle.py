@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from effnet_convert.errors import CheckpointError
-from effnet_convert.tf_bundle import TensorBundle
+from effnet_convert.tf_bundle import TensorBundle, _read_table, _varint
 
 from conftest import OFFICIAL, TINY_CKPT, save_v2
 
@@ -200,17 +200,6 @@ def tiny(tmp_path: Path) -> Path:
     return tmp_path / "tiny" / "model.ckpt"
 
 
-def _varint(buf: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        byte = buf[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return result, pos
-        shift += 7
-
-
 def _first_block_size(index: bytes) -> int:
     """Size of the first data block (at offset 0), from the first handle of the index block."""
     footer = index[-48:]
@@ -313,3 +302,114 @@ def test_compressed_block_refused(tiny: Path) -> None:
         CheckpointError, match=r"block at offset 0: compressed table blocks are not supported"
     ):
         TensorBundle(tiny)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Indexes that say something else: written by a minimal table writer (checked against TF first)
+
+
+def _encode_varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _sealed(block: bytes) -> bytes:
+    crc = crc32c.crc32c(block + b"\x00")
+    masked = (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+    return block + b"\x00" + masked.to_bytes(4, "little")
+
+
+def _block(entries: list[tuple[bytes, bytes]]) -> bytes:
+    body = b"".join(
+        _encode_varint(0) + _encode_varint(len(k)) + _encode_varint(len(v)) + k + v for k, v in entries
+    )
+    return body + (0).to_bytes(4, "little") + (1).to_bytes(4, "little")  # one restart point, at 0
+
+
+def write_index(path: Path, pairs: list[tuple[bytes, bytes]]) -> None:
+    """A LevelDB table as TensorBundle writes it (uncompressed), holding ``pairs`` in the order given."""
+    data, meta = _block(pairs), _block([])
+    table = _sealed(data)
+    meta_offset = len(table)
+    table += _sealed(meta)
+    index = _block([(pairs[-1][0], _encode_varint(0) + _encode_varint(len(data)))])
+    index_offset = len(table)
+    table += _sealed(index)
+    handles = _encode_varint(meta_offset) + _encode_varint(len(meta))
+    handles += _encode_varint(index_offset) + _encode_varint(len(index))
+    table += handles.ljust(40, b"\x00") + (0xDB4775248B80FB57).to_bytes(8, "little")
+    path.write_bytes(table)
+
+
+def _header(num_shards: int) -> bytes:
+    """BundleHeaderProto{num_shards, version {producer: 1}}."""
+    return b"\x08" + _encode_varint(num_shards) + b"\x1a\x02\x08\x01"
+
+
+def test_index_writer_is_read_by_tf(tf, tiny: Path) -> None:
+    index = Path(f"{tiny}.index")
+    write_index(index, _read_table(index))
+    assert_matches_tf(tf, tiny)
+
+
+def test_duplicate_tensor_key_refused(tf, tiny: Path) -> None:
+    index = Path(f"{tiny}.index")
+    pairs = _read_table(index)
+    name = b"efficientnet-tiny/head/conv2d/kernel"
+    at = next(i for i, (k, _) in enumerate(pairs) if k == name)
+    # The second copy points at another tensor's bytes of the same size: TF reads the first copy, a dict the last.
+    twin = next(v for k, v in pairs[1:] if k != name and _entry_size(v) == _entry_size(pairs[at][1]))
+    write_index(index, [*pairs[: at + 1], (name, twin), *pairs[at + 1 :]])
+    with pytest.raises(
+        CheckpointError, match=r"model\.ckpt\.index: tensor 'efficientnet-tiny/head/conv2d/kernel' is listed twice"
+    ):
+        TensorBundle(tiny)
+
+
+def _entry_size(value: bytes) -> int:
+    from effnet_convert.tf_bundle import _parse_entry
+
+    entry = _parse_entry(value)
+    return entry.size if entry.dtype == 1 else -1
+
+
+def test_shard_count_claim_bounded_by_shards_used(tiny: Path) -> None:
+    """An index claiming millions of shards costs what the shards its tensors use cost (TF opens those only)."""
+    index = Path(f"{tiny}.index")
+    pairs = _read_table(index)
+    write_index(index, [(b"", _header(3_000_000)), *pairs[1:]])
+    (tiny.parent / DATA_SHARD).rename(tiny.parent / "model.ckpt.data-00000-of-3000000")
+    with TensorBundle(tiny) as bundle:
+        assert [p.name for p in bundle.files] == ["model.ckpt.index", "model.ckpt.data-00000-of-3000000"]
+        name = "efficientnet-tiny/head/conv2d/kernel"
+        with TensorBundle(TINY_CKPT) as original:
+            assert bundle.get(name).tobytes() == original.get(name).tobytes()
+
+
+def test_shard_id_beyond_header_refused(tiny: Path) -> None:
+    index = Path(f"{tiny}.index")
+    pairs = _read_table(index)
+    with TensorBundle(tiny) as bundle:
+        assert len(bundle.data_paths) == 1
+    # Field 3 (shard_id) = 7 appended: protobuf takes the last value of a repeated scalar field.
+    name = b"efficientnet-tiny/head/conv2d/kernel"
+    pairs = [(k, v + b"\x18\x07" if k == name else v) for k, v in pairs]
+    write_index(index, pairs)
+    with pytest.raises(
+        CheckpointError, match=r"model\.ckpt\.index: tensor 'efficientnet-tiny/head/conv2d/kernel': shard 7 out of "
+        r"range \(0\.\.0\)"
+    ):
+        TensorBundle(tiny)
+
+
+@pytest.mark.parametrize("value", ["vector", "int32"])
+def test_global_step_must_be_an_int64_scalar(tf, tmp_path: Path, value: str) -> None:
+    step = tf.constant([1, 2], tf.int64) if value == "vector" else tf.constant(5, tf.int32)
+    prefix = save_v2(tf, tmp_path / "model.ckpt", {"global_step": step, "w": tf.zeros([2])})
+    with TensorBundle(prefix) as bundle:
+        with pytest.raises(CheckpointError, match=r"model\.ckpt\.index: tensor 'global_step': .* expected an int64 scalar"):
+            bundle.global_step
