@@ -107,6 +107,69 @@ def _run_run(args: argparse.Namespace) -> int:
     return run_script(args.script, args.script_args)
 
 
+# ----------------------------------------------------------------------------- validate
+
+
+def _validate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument('data', type=Path, metavar='DATA',
+                   help='ImageNet-val: a folder of synset folders (n01440764/...), a flat folder of '
+                        'ILSVRC2012_val_*.JPEG with its ground-truth file, or what --dataset names')
+    p.add_argument('--model', help='effnet_v1_bN[.tag] (optional with a --weights folder: read from its config.json)')
+    p.add_argument('--weights', type=Path, metavar='FILE|DIR',
+                   help='a folder written by effnet-convert, or a model.safetensors file (needs --model); '
+                        'default: the pretrained weights of the --model tag')
+    p.add_argument('--dataset', default='', metavar='NAME',
+                   help="read DATA with timm's create_dataset (map-style: a folder or .tar, hfds/NAME)")
+    p.add_argument('--ground-truth', type=Path, metavar='FILE',
+                   help='labels of a flat folder: LOC_val_solution.csv, the devkit\'s '
+                        'ILSVRC2012_validation_ground_truth.txt (with meta.mat beside it) or one synset per line '
+                        '(default: looked for in DATA and beside it)')
+    p.add_argument('--batch-size', type=positive_int, default=64, metavar='N', help='per process (default 64)')
+    p.add_argument('--workers', type=int, default=4, metavar='N',
+                   help='DataLoader worker processes decoding and preprocessing (default 4; 0: in the main process)')
+    p.add_argument('--crop', choices=CROPS, default='padding32',
+                   help='centre crop: 32 px padding as behind the published accuracies (default), or the '
+                        'current official code\'s 0.875 fraction')
+    p.add_argument('--preprocessing', choices=('tf', 'timm'), default='tf',
+                   help="the official TF pipeline (default) or timm's own eval transform, for comparison")
+    p.add_argument('--amp', choices=('bf16', 'fp16'), help='autocast the forward to this dtype')
+    p.add_argument('--channels-last', action='store_true', help='channels_last memory format')
+    p.add_argument('--fuse', action='store_true', help='fold BatchNorm into the convs (effnet_timm.fuse)')
+    p.add_argument('--limit', type=positive_int, metavar='N', help='only the first N images')
+    p.add_argument('--device', help="torch device (default: 'cuda' if available, one GPU per torchrun rank; else cpu)")
+    p.add_argument('--skip-bad', action='store_true',
+                   help='count and list undecodable images instead of stopping at the first')
+    p.add_argument('--results-file', type=Path, metavar='PATH.json|.csv',
+                   help="timm's result keys (model, top1, top1_err, top5, top5_err, param_count, img_size, "
+                        'crop_pct, interpolation) and num_images')
+    p.add_argument('--per-image', type=Path, metavar='PATH.csv', help='path, label and top-5 classes of every image')
+    p.add_argument('--no-progress', action='store_true', help='no progress bar')
+    p.add_argument('--json', action='store_true', help='print the whole result as JSON')
+
+
+def _run_validate(args: argparse.Namespace) -> int:
+    from effnet_timm.validate import check_output_path, format_result, validate, write_per_image, write_results
+
+    check_output_path(args.results_file, ('.json', '.csv'), '--results-file')
+    check_output_path(args.per_image, ('.csv',), '--per-image')
+    if args.workers < 0:
+        from effnet_timm.errors import InputError
+        raise InputError(f'--workers must be >= 0, got {args.workers}')
+    result = validate(
+        args.data, args.model, args.weights, dataset=args.dataset, ground_truth=args.ground_truth,
+        batch_size=args.batch_size, workers=args.workers, crop=args.crop, preprocessing=args.preprocessing,
+        amp=args.amp, channels_last=args.channels_last, fuse=args.fuse, limit=args.limit, device=args.device,
+        skip_bad=args.skip_bad, progress=not args.no_progress)
+    if result is None:  # a torchrun rank other than 0: rank 0 reports
+        return 0
+    if args.results_file:
+        write_results(result, args.results_file)
+    if args.per_image:
+        write_per_image(result, args.per_image)
+    print(json.dumps(result, indent=2) if args.json else format_result(result))
+    return 0
+
+
 # ----------------------------------------------------------------------------- the command table
 
 
@@ -115,6 +178,8 @@ COMMANDS: Dict[str, Command] = {
                        _predict_arguments, _run_predict),
     'info': Command('parameters, GMACs, preprocessing and pretrained tags of the variants',
                     _info_arguments, _run_info),
+    'validate': Command('ImageNet-val accuracy with the official preprocessing, in one process or under torchrun',
+                        _validate_arguments, _run_validate),
     'run': Command("run a Python script (timm's train.py, validate.py, ...) with the effnet_v1_* models registered",
                    _run_arguments, _run_run),
 }
