@@ -1,10 +1,12 @@
 """Shared paths and helpers for the test suite."""
 from __future__ import annotations
 
+import inspect
 import json
 import os
+import types
 from pathlib import Path
-from typing import Optional
+from typing import Any, Iterator, Optional, Set
 
 import pytest
 import torch
@@ -15,7 +17,8 @@ os.environ.setdefault('HF_HUB_DISABLE_XET', '1')
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / 'fixtures'
-SHARED = REPO.parent / 'shared'
+# ../shared beside the checkout; EFFNET_TIMM_SHARED points elsewhere (the tests of the CI rules below hide it so).
+SHARED = Path(os.environ.get('EFFNET_TIMM_SHARED') or REPO.parent / 'shared')
 OFFICIAL = SHARED / 'fixtures' / 'official'
 MANIFESTS = OFFICIAL / 'manifests'
 # The scaled-down official checkpoint and the sample photos ship in the package; tests use those copies.
@@ -23,6 +26,19 @@ TINY_CKPT = REPO / 'convert' / 'demo' / 'efficientnet-tiny' / 'model.ckpt'
 SAMPLES = REPO / 'convert' / 'samples'
 
 torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+# CI must run the oracle tests, not skip them: with CI set (CI=true, as CI services set it) or
+# EFFNET_TIMM_REQUIRE_ORACLES=1, a missing TensorFlow or ../shared fails the test that needs it.
+REQUIRE_ORACLES = (os.environ.get('CI', '').strip().lower() not in ('', '0', 'false', 'no')
+                   or os.environ.get('EFFNET_TIMM_REQUIRE_ORACLES', '') == '1')
+REQUIRE_REASON = 'CI (CI or EFFNET_TIMM_REQUIRE_ORACLES=1 set) fails instead of skipping'
+
+
+def skip_or_fail(reason: str) -> None:
+    """Skip with `reason`; fail instead when the oracles are required (CI)."""
+    if REQUIRE_ORACLES:
+        pytest.fail(f'{reason}; {REQUIRE_REASON}', pytrace=False)
+    pytest.skip(reason)
 
 
 @pytest.fixture(scope='session')
@@ -38,7 +54,24 @@ def converted_tiny(tmp_path_factory) -> Path:
 def tf():
     """TensorFlow, the test oracle (the `test` extra)."""
     os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
-    return pytest.importorskip('tensorflow', reason='TensorFlow (the test oracle) is not installed')
+    try:
+        import tensorflow
+    except ImportError as err:
+        skip_or_fail(f'TensorFlow (the test oracle, pip install -e ".[test]") cannot be imported: {err}')
+    return tensorflow
+
+
+@pytest.fixture(scope='session')
+def info_output() -> str:
+    """What `effnet-timm info` prints (every variant counted on the meta device: tens of seconds, so once)."""
+    import contextlib
+    import io
+
+    from effnet_timm_cli import main
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(['info']) == 0
+    return out.getvalue()
 
 
 def save_v2(tf, prefix: Path, tensors: dict) -> Path:
@@ -51,10 +84,10 @@ def save_v2(tf, prefix: Path, tensors: dict) -> Path:
 
 
 def shared_path(*parts: str) -> Path:
-    """A file from ../shared, or skip the test with the reason."""
+    """A file from ../shared, or skip the test with the reason (fail it under CI)."""
     path = OFFICIAL.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f'{path} is absent (../shared is not beside this checkout)')
+        skip_or_fail(f'{path} is absent (../shared is not beside this checkout)')
     return path
 
 
@@ -93,3 +126,87 @@ def realistic_init_(model: torch.nn.Module, calib_size: int = 128, seed: int = 0
         for bn, momentum in zip(bns, momenta):
             bn.momentum = momentum
     return model
+
+
+# ----------------------------------------------------------------------------- CI: skips become failures
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    """Under CI, a skip raised while a test runs (importorskip, pytest.skip for a missing file) is a
+    failure: the skips in the test files themselves are caught too. Declared `skip`/`skipif` marks
+    (a platform without fork, say) stay skips."""
+    outcome = yield
+    report = outcome.get_result()
+    if (REQUIRE_ORACLES and report.skipped and call.excinfo is not None
+            and call.excinfo.errisinstance(pytest.skip.Exception)
+            and item.get_closest_marker('skip') is None and item.get_closest_marker('skipif') is None):
+        report.outcome = 'failed'
+        report.longrepr = f'skipped ({call.excinfo.value.msg}); {REQUIRE_REASON}'
+
+
+# ----------------------------------------------------------------------------- the `oracle` marker
+
+# `-m "not oracle"` is the quick subset that needs neither TensorFlow nor ../shared. A test is an oracle
+# test when it (or a fixture it uses, or a helper of its module that it calls, transitively) names one
+# of these, or a module constant that is a path inside ../shared.
+ORACLE_NAMES = frozenset({'shared_path', 'OFFICIAL', 'MANIFESTS', 'SHARED', 'tensorflow', '_tf'})
+ORACLE_FIXTURES = frozenset({'tf'})
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        'markers', "oracle: needs TensorFlow or ../shared (set by tests/conftest.py); -m 'not oracle' is the quick subset")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
+    for item in items:
+        if _is_oracle_test(item):
+            item.add_marker(pytest.mark.oracle)
+
+
+def _is_oracle_test(item: pytest.Item) -> bool:
+    if ORACLE_FIXTURES & set(getattr(item, 'fixturenames', ())):
+        return True
+    functions = [getattr(item, 'obj', None)]
+    info = getattr(item, '_fixtureinfo', None)
+    for defs in (info.name2fixturedefs.values() if info is not None else ()):
+        functions += [d.func for d in defs]
+    seen: Set[int] = set()
+    return any(_names_oracle(f, seen) for f in functions if f is not None)
+
+
+def _names_oracle(func: Any, seen: Set[int]) -> bool:
+    func = inspect.unwrap(getattr(func, '__func__', func))
+    code = getattr(func, '__code__', None)
+    if code is None or id(code) in seen:
+        return False
+    seen.add(id(code))
+    module_globals = getattr(func, '__globals__', {})
+    for name in _code_names(code):
+        if name in ORACLE_NAMES:
+            return True
+        value = module_globals.get(name)
+        if _is_shared_path(value):
+            return True
+        if isinstance(value, types.FunctionType) and _is_test_code(value) and _names_oracle(value, seen):
+            return True
+    return False
+
+
+def _code_names(code: types.CodeType) -> Iterator[str]:
+    yield from code.co_names
+    for const in code.co_consts:
+        if isinstance(const, str):
+            yield const
+        elif isinstance(const, types.CodeType):  # nested functions, lambdas, comprehensions
+            yield from _code_names(const)
+
+
+def _is_shared_path(value: Any) -> bool:
+    values = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else (value,)
+    return any(isinstance(v, Path) and (v == SHARED or SHARED in v.parents) for v in values)
+
+
+def _is_test_code(func: types.FunctionType) -> bool:
+    return Path(func.__code__.co_filename).resolve().parent == Path(__file__).resolve().parent

@@ -179,11 +179,8 @@ def test_predict_without_available_weights_prints_the_pretrained_error(tmp_path)
 
 
 @pytest.fixture(scope='module')
-def info_rows() -> Dict[str, Dict[str, str]]:
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        assert main(['info']) == 0
-    header, *lines = out.getvalue().splitlines()
+def info_rows(info_output) -> Dict[str, Dict[str, str]]:
+    header, *lines = info_output.splitlines()
     assert header.split()[:6] == ['model', 'params', 'GMACs', 'input', 'crop_pct', 'mean/std']
     rows = {}
     for line in lines:

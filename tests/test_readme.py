@@ -1,9 +1,19 @@
-"""The README's two set-up commands are the ones CI runs."""
+"""The README's commands and numbers are the ones CI runs and the code prints; CI cannot skip the oracle tests."""
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Dict
+
+import pytest
 
 from conftest import REPO
+
+README = REPO / 'README.md'
 
 
 def _bash_blocks(text: str) -> list:
@@ -11,9 +21,105 @@ def _bash_blocks(text: str) -> list:
 
 
 def test_ci_runs_the_readme_setup_commands_verbatim():
-    readme = (REPO / 'README.md').read_text()
+    readme = README.read_text()
     ci = (REPO / '.ci' / 'run').read_text().splitlines()
     install, tests = _bash_blocks(readme)[:2]
     assert 'pip install' in install and 'effnet-convert' in install
     assert 'pytest' in tests
     assert install in ci and tests in ci
+
+
+def test_readme_info_table_is_the_info_command_output(info_output):
+    # The block right after the sentence introducing `effnet-timm info`: printed numbers drift when the
+    # model or the counter changes, so the README must be regenerated from the command, never typed.
+    readme = README.read_text()
+    intro = readme.index('`effnet-timm info` counts')
+    block = re.search(r'```text\n(.*?)```', readme[intro:], re.S).group(1)
+    assert block.rstrip('\n') == info_output.rstrip('\n')
+
+
+# ----------------------------------------------------------------------------- CI fails what it would skip
+
+TINY_TESTS = '''
+import pytest
+from conftest import shared_path
+
+def test_shared():
+    shared_path('efficientnet-b0')
+
+def test_tf(tf):
+    pass
+
+def test_own_skip():
+    pytest.skip('a file of ../shared is absent')
+
+def test_importorskip():
+    pytest.importorskip('no_such_module_for_effnet_timm')
+
+@pytest.mark.skipif(True, reason='declared: not on this platform')
+def test_platform():
+    pass
+
+def test_plain():
+    pass
+'''
+
+
+@pytest.fixture(scope='module')
+def tiny_suite(tmp_path_factory) -> Path:
+    """A test file using the suite's conftest, with ../shared hidden and TensorFlow made unimportable."""
+    root = tmp_path_factory.mktemp('ci_rules')
+    (root / 'conftest.py').write_text((REPO / 'tests' / 'conftest.py').read_text())
+    (root / 'test_tiny.py').write_text(TINY_TESTS)
+    no_tf = root / 'no_tf' / 'tensorflow'
+    no_tf.mkdir(parents=True)
+    (no_tf / '__init__.py').write_text("raise ImportError('TensorFlow hidden by the test')\n")
+    return root
+
+
+def _run_tiny(root: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if k not in ('CI', 'EFFNET_TIMM_REQUIRE_ORACLES', 'PYTEST_ADDOPTS')}
+    clean.update(EFFNET_TIMM_SHARED=str(root / 'no_shared'), PYTHONPATH=str(root / 'no_tf'), **env)
+    return subprocess.run([sys.executable, '-m', 'pytest', '-p', 'no:cacheprovider', '--rootdir', str(root),
+                           '-c', os.devnull, *args, str(root / 'test_tiny.py')],
+                          cwd=root, env=clean, capture_output=True, text=True, timeout=300)
+
+
+def _outcomes(root: Path, **env: str) -> Dict[str, str]:
+    xml = root / f'junit-{len(env)}-{"-".join(env.values())}.xml'
+    _run_tiny(root, f'--junitxml={xml}', **env)
+    outcomes = {}
+    for case in ET.parse(xml).getroot().iter('testcase'):
+        kinds = [child.tag for child in case if child.tag in ('failure', 'error', 'skipped')]
+        # A failing fixture is an 'error', a failing test body a 'failure': both fail the run.
+        outcomes[case.get('name')] = {'failure': 'failed', 'error': 'failed'}.get(kinds[0], kinds[0]) if kinds else 'passed'
+    return outcomes
+
+
+@pytest.mark.parametrize('env', [{}, {'CI': 'false'}])
+def test_missing_oracles_skip_outside_ci(tiny_suite, env):
+    assert _outcomes(tiny_suite, **env) == {
+        'test_shared': 'skipped', 'test_tf': 'skipped', 'test_own_skip': 'skipped', 'test_importorskip': 'skipped',
+        'test_platform': 'skipped', 'test_plain': 'passed'}
+
+
+@pytest.mark.parametrize('env', [{'CI': 'true'}, {'CI': '1'}, {'EFFNET_TIMM_REQUIRE_ORACLES': '1'}])
+def test_missing_oracles_fail_under_ci(tiny_suite, env):
+    assert _outcomes(tiny_suite, **env) == {
+        'test_shared': 'failed', 'test_tf': 'failed', 'test_own_skip': 'failed', 'test_importorskip': 'failed',
+        'test_platform': 'skipped', 'test_plain': 'passed'}
+
+
+def test_ci_failure_says_why(tiny_suite):
+    proc = _run_tiny(tiny_suite, '-rfE', CI='true')
+    assert proc.returncode == 1
+    assert re.search(r'FAILED .*test_shared - .*efficientnet-b0 is absent .*instead of skipping', proc.stdout), \
+        proc.stdout[-3000:]
+    assert re.search(r'ERROR .*test_tf - .*TensorFlow .*cannot be imported', proc.stdout), proc.stdout[-3000:]
+
+
+def test_oracle_marker_selects_the_tests_needing_tensorflow_or_shared(tiny_suite):
+    proc = _run_tiny(tiny_suite, '--collect-only', '-q', '-m', 'oracle')
+    assert re.findall(r'::(test_\w+)', proc.stdout) == ['test_shared', 'test_tf'], proc.stdout[-3000:]
+    proc = _run_tiny(tiny_suite, '-q', '-m', 'not oracle', CI='true')  # the quick subset needs neither
+    assert proc.returncode == 1 and '2 deselected' in proc.stdout  # own skips still fail under CI
