@@ -174,7 +174,7 @@ def reference_step(lr: float):
 
 
 def test_torchrun_two_ranks_ddp_training_step(tmp_path):
-    from test_distributed import free_port, loopback_env
+    from test_distributed import failure_report, free_port, loopback_env
     script = write(tmp_path, 'train_step.py', TRAIN_STEP)
     out = tmp_path / 'out'
     out.mkdir()
@@ -182,7 +182,7 @@ def test_torchrun_two_ranks_ddp_training_step(tmp_path):
            '--master-addr', '127.0.0.1', '--master-port', str(free_port()),
            '--no-python', str(EFFNET_TIMM), 'run', 'train_step.py', str(out), '--lr', '0.5']
     proc = subprocess.run(cmd, cwd=tmp_path, env=loopback_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, failure_report(proc)
     ranks = [torch.load(out / f'rank{r}.pt') for r in range(2)]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the ranks
