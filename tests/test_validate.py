@@ -218,6 +218,41 @@ def test_official_top1_of_tags():
     assert official_top1(timm.create_model('effnet_v1')) is None
 
 
+# ----------------------------------------------------------------------------- preprocessing in workers
+
+
+@pytest.mark.parametrize('hw,size', [((375, 500), 224), ((300, 451), 96), ((640, 427), 300), ((61, 45), 224),
+                                     ((1200, 900), 600), ((9, 7), 33)])
+def test_worker_resize_matches_tf_crop_and_resize(tf, hw, size):
+    """The transform's banded resize (what workers run) against TF's crop + legacy resize_bicubic."""
+    from effnet_timm.preprocessing import TfEvalTransform, resize_bicubic_tf1
+
+    rgb = np.random.default_rng(sum(hw) + size).integers(0, 256, (*hw, 3), dtype=np.uint8)
+    transform = TfEvalTransform(size, 32, None, None)
+    top, left, side, _ = transform.crop_window(*hw)
+    got = transform(rgb)
+    crop = rgb[top:top + side, left:left + side][None].astype(np.float32)
+    expected = tf.compat.v1.image.resize_bicubic(crop, (size, size)).numpy()[0].transpose(2, 0, 1)
+    assert got.shape == (3, size, size) and got.dtype == torch.float32
+    assert np.abs(got.numpy() - expected).max() <= 1e-3
+    dense = resize_bicubic_tf1(torch.from_numpy(crop[0]).permute(2, 0, 1), size)
+    assert torch.equal(got, dense) or (got - dense).abs().max() <= 1e-4
+
+
+def test_worker_resize_keeps_float32_under_another_default_dtype():
+    from effnet_timm.preprocessing import TfEvalTransform
+
+    rgb = np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    expected = TfEvalTransform(32, 8, None, None)(rgb)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = TfEvalTransform(32, 8, None, None)(rgb)
+    finally:
+        torch.set_default_dtype(previous)
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
+
+
 # ----------------------------------------------------------------------------- bad data
 
 
