@@ -1,11 +1,10 @@
 """`effnet-timm predict` and `effnet-timm info` end to end, on converted official checkpoints; output is parsed."""
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -147,23 +146,183 @@ def test_compare_timm_json_matches_timm_run_directly(capsys, tiny_dir):
     assert reported['max_abs_diff'] > reported['mean_abs_diff'] > 0
 
 
-@pytest.mark.parametrize('case', ['missing image', 'not an image', 'unknown model', 'folder of another model'])
+@pytest.mark.parametrize('case', ['missing image', 'empty folder', 'unknown model', 'folder of another model'])
 def test_bad_input_is_one_line_and_exit_2(capsys, tiny_dir, tmp_path, case):
-    text_file = tmp_path / 'notes.jpg'
-    text_file.write_text('not a photo')
+    (tmp_path / 'empty').mkdir()
+    (tmp_path / 'empty' / 'notes.txt').write_text('not a photo')
     args = {
         'missing image': ('predict', tmp_path / 'absent.jpg', '--weights', tiny_dir),
-        'not an image': ('predict', text_file, '--weights', tiny_dir),
+        'empty folder': ('predict', tmp_path / 'empty', '--weights', tiny_dir),
         'unknown model': ('predict', PHOTOS[0], '--model', 'effnet_v1_b9'),
         'folder of another model': ('predict', PHOTOS[0], '--weights', tiny_dir, '--model', 'effnet_v1_b0'),
     }[case]
     code, out, err = _cli(capsys, *args)
     assert code == 2 and out == ''
     assert len(err.splitlines()) == 1 and err.startswith('effnet-timm: error: ')
-    expected = {'missing image': 'absent.jpg: cannot read image', 'not an image': 'notes.jpg: cannot decode image',
+    expected = {'missing image': 'absent.jpg: cannot read image', 'empty folder': 'empty: a folder with no image files',
                 'unknown model': "unknown model 'effnet_v1_b9'",
                 'folder of another model': 'holds effnet_v1, not effnet_v1_b0'}[case]
     assert expected in err
+
+
+def _not_safetensors(kind: str, path: Path) -> Path:
+    if kind == 'text':
+        path.write_text('these are not weights\n')
+    elif kind == 'empty':
+        path.write_bytes(b'')
+    elif kind == 'torch pickle':
+        torch.save(timm.create_model('effnet_v1_b0').state_dict(), path)
+    elif kind == 'numpy':
+        with open(path, 'wb') as f:
+            np.save(f, np.zeros(3, np.float32))
+    return path
+
+
+@pytest.mark.parametrize('kind', ['text', 'empty', 'torch pickle', 'numpy'])
+def test_weights_file_that_is_not_safetensors_is_one_line_and_exit_2(capsys, tmp_path, kind):
+    # Before: IndexError (pop from empty list), EOFError, KeyError tracebacks, or pickle advice.
+    weights = _not_safetensors(kind, tmp_path / 'weights.bin')
+    code, out, err = _cli(capsys, 'predict', PHOTOS[0], '--weights', weights, '--model', 'effnet_v1_b0')
+    assert code == 2 and out == ''
+    [line] = err.splitlines()
+    assert line.startswith(f'effnet-timm: error: {weights}: not a safetensors file (')
+
+
+def test_an_undecodable_image_is_reported_and_the_others_still_classified(capsys, tiny_dir, tmp_path):
+    broken = tmp_path / 'broken.jpg'
+    broken.write_text('not a photo')
+    empty = tmp_path / 'empty.png'
+    empty.write_bytes(b'')
+    images = [PHOTOS[0], broken, PHOTOS[1], empty]
+    code, out, err = _cli(capsys, 'predict', *images, '--weights', tiny_dir, '--crop', 'fraction', '--json')
+    assert code == 1
+    assert err.splitlines() == ['effnet-timm: 2 of 4 images could not be classified (their errors are in the output)']
+    result = json.loads(out)
+    assert [entry['image'] for entry in result['images']] == [str(p) for p in images] and result['failed'] == 2
+    official = _official(TINY)
+    for entry, path in zip(result['images'], images):
+        if path in PHOTOS:
+            assert 'error' not in entry and [r['index'] for r in entry['top']] == _top5(official[path.stem])
+        else:
+            assert 'top' not in entry and entry['error'].startswith('cannot decode image')
+    code, out, err = _cli(capsys, 'predict', *images, '--weights', tiny_dir, '--crop', 'fraction')
+    assert code == 1
+    assert out.count('  error: cannot decode image') == 2
+    table = _parse_table(out)
+    assert [index for index, _, _ in table[PHOTOS[1].stem]] == _top5(official[PHOTOS[1].stem])
+
+
+def test_a_folder_as_image_means_its_image_files_sorted(capsys, tiny_dir, tmp_path):
+    folder = tmp_path / 'photos'
+    folder.mkdir()
+    names = ['b.JPG', 'a.jpeg', 'c.jpg', 'd.png']
+    for name, photo in zip(names, PHOTOS):
+        (folder / name).write_bytes(photo.read_bytes())
+    (folder / 'notes.txt').write_text('not an image')
+    (folder / '.thumb.jpg').write_text('a hidden file')
+    (folder / 'sub.jpg').mkdir()
+    code, out, err = _cli(capsys, 'predict', folder, PHOTOS[0], '--weights', tiny_dir, '--crop', 'fraction', '--json')
+    assert code == 0, err
+    result = json.loads(out)
+    assert [Path(e['image']).name for e in result['images']] == sorted(names) + [PHOTOS[0].name]
+    official = _official(TINY)
+    for entry in result['images']:
+        photo = PHOTOS[names.index(Path(entry['image']).name)] if Path(entry['image']).parent == folder else PHOTOS[0]
+        assert [r['index'] for r in entry['top']] == _top5(official[photo.stem])
+
+
+def test_generic_model_name_keeps_the_folders_input_size(capsys, tiny_dir):
+    # Before: --model effnet_v1 took the registry's 224 px instead of the folder's 96.
+    code, out, err = _cli(capsys, 'predict', *PHOTOS, '--weights', tiny_dir, '--model', 'effnet_v1', '--crop',
+                          'fraction', '--json')
+    assert code == 0, err
+    result = json.loads(out)
+    assert result['preprocessing']['input_size'] == 96 and result['preprocessing']['crop_padding'] == 14
+    official = _official(TINY)
+    for entry in result['images']:
+        assert [r['index'] for r in entry['top']] == _top5(official[Path(entry['image']).stem])
+
+
+def _folder_with_records(source: Path, dest: Path) -> Path:
+    """A copy of a converted folder whose config.json records its file digests (as effnet-convert writes)."""
+    from effnet_timm.integrity import file_digests
+    shutil.copytree(source, dest)
+    config = json.loads((dest / 'config.json').read_text())
+    if not config['effnet_timm'].get('files'):
+        config['effnet_timm']['files'] = file_digests(dest)
+        (dest / 'config.json').write_text(json.dumps(config, indent=2))
+    return dest
+
+
+def test_a_flipped_byte_in_converted_weights_is_refused(capsys, tiny_dir, tmp_path):
+    intact = _folder_with_records(tiny_dir, tmp_path / 'intact')
+    damaged = _folder_with_records(tiny_dir, tmp_path / 'damaged')
+    data = bytearray((damaged / 'model.safetensors').read_bytes())
+    data[-7] ^= 0x10  # inside the last tensor: the file still parses, one weight is different
+    (damaged / 'model.safetensors').write_bytes(bytes(data))
+    for weights in (intact, intact / 'model.safetensors'):
+        code, out, err = _cli(capsys, 'predict', PHOTOS[0], '--weights', weights)
+        assert code == 0, err
+    for weights in (damaged, damaged / 'model.safetensors'):
+        code, out, err = _cli(capsys, 'predict', PHOTOS[0], '--weights', weights)
+        assert code == 2 and out == ''
+        [line] = err.splitlines()
+        assert line.startswith(f"effnet-timm: error: {damaged / 'model.safetensors'}: sha256 "), line
+
+
+@pytest.fixture(scope='module')
+def b0_ap_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp('cli') / 'b0_ap'
+    convert(str(shared_path('efficientnet-b0')), out, tag='ap_in1k')
+    return out
+
+
+def test_weights_converted_with_a_tag_use_that_tags_preprocessing_and_name(capsys, b0_ap_dir, tmp_path):
+    # Before: --model effnet_v1_b0 named the default tag (ns_jft_in1k) and used ImageNet mean/std.
+    bare = tmp_path / 'weights.safetensors'  # away from its folder: only the file's metadata says what it is
+    shutil.copyfile(b0_ap_dir / 'model.safetensors', bare)
+    for weights, model in ((b0_ap_dir / 'model.safetensors', 'effnet_v1_b0'), (bare, 'effnet_v1_b0'),
+                           (bare, None), (b0_ap_dir, 'effnet_v1_b0.ap_in1k')):
+        args = ('--model', model) if model else ()
+        code, out, err = _cli(capsys, 'predict', PHOTOS[0], '--weights', weights, *args, '--json')
+        assert code == 0, err
+        result = json.loads(out)
+        assert result['model']['name'] == 'effnet_v1_b0.ap_in1k', (weights, model)
+        # AdvProp's inputs are in [-1, 1]: mean = std = 0.5 (the official advprop preprocessing).
+        assert result['preprocessing']['mean'] == result['preprocessing']['std'] == [0.5, 0.5, 0.5]
+        assert result['preprocessing']['input_size'] == 224
+
+
+@pytest.mark.parametrize('where', ['folder', 'file'])
+def test_a_model_tag_contradicting_the_recorded_tag_is_an_error(capsys, b0_ap_dir, where):
+    weights = b0_ap_dir if where == 'folder' else b0_ap_dir / 'model.safetensors'
+    code, out, err = _cli(capsys, 'predict', PHOTOS[0], '--weights', weights, '--model', 'effnet_v1_b0.aa_in1k')
+    assert code == 2 and out == ''
+    [line] = err.splitlines()
+    assert 'converted with --tag ap_in1k' in line and 'asks for tag aa_in1k' in line
+
+
+def test_help_and_argument_errors_import_no_torch():
+    script = '''
+import json, sys
+import effnet_timm_cli
+for argv in (['--help'], ['predict', '--help'], ['info', '--help']):
+    try:
+        effnet_timm_cli.parser().parse_args(argv)
+    except SystemExit as err:
+        assert err.code == 0, argv
+try:
+    effnet_timm_cli.main(['predict', '--topk', '0', 'x.jpg'])
+except SystemExit as err:
+    code = err.code
+heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'timm', 'effnet_timm', 'numpy', 'PIL'))
+print(json.dumps(dict(code=code, heavy=heavy)))
+'''
+    proc = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.splitlines()[-1])
+    assert result == dict(code=2, heavy=[])
+    assert 'argument --topk: must be >= 1, got 0' in proc.stderr
 
 
 def test_predict_without_available_weights_prints_the_pretrained_error(tmp_path):
