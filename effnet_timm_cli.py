@@ -170,6 +170,31 @@ def _run_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- download
+
+
+def _download_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument('models', nargs='*', metavar='MODEL[.TAG]',
+                   help='e.g. effnet_v1_b0.aa_in1k; a bare effnet_v1_bN takes --tag, else its default tag')
+    p.add_argument('--tag', metavar='TAG', help='the family of the bare names (in1k, aa_in1k, ra_in1k, ap_in1k, '
+                                                'ns_jft_in1k, ns_jft_in1k_475); alone: every model of that family')
+    p.add_argument('--all', action='store_true', help='every official checkpoint (with --tag: of that family)')
+    p.add_argument('--no-progress', action='store_true',
+                   help='no progress bar (there is none either when stderr is not a terminal)')
+    p.add_argument('--json', action='store_true', help='machine-readable output')
+
+
+def _run_download(args: argparse.Namespace) -> int:
+    from effnet_timm.prefetch import format_rows, prefetch, rows_as_json, select_names
+
+    rows = prefetch(select_names(args.models, args.tag, args.all), progress=False if args.no_progress else None)
+    print(json.dumps(rows_as_json(rows), indent=2) if args.json else format_rows(rows))
+    for row in rows:
+        if row.error:
+            print(f'{PROG}: error: {row.error}', file=sys.stderr)
+    return 2 if any(row.error for row in rows) else 0
+
+
 # ----------------------------------------------------------------------------- the command table
 
 
@@ -182,6 +207,8 @@ COMMANDS: Dict[str, Command] = {
                         _validate_arguments, _run_validate),
     'run': Command("run a Python script (timm's train.py, validate.py, ...) with the effnet_v1_* models registered",
                    _run_arguments, _run_run),
+    'download': Command('fetch official checkpoints, convert them and fill the weights cache (for offline use later)',
+                        _download_arguments, _run_download),
 }
 
 

@@ -59,7 +59,7 @@ def child(step):
     for fd, path in ((1, step['stdout']), (2, step['stderr'])):
         os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
     try:
-        load(**step['load'])
+        exec(step['exec'], {}) if 'exec' in step else load(**step['load'])
         code = 0
     except effnet_timm.PretrainedWeightsError as err:
         print(str(err))
@@ -129,6 +129,19 @@ class Client:
         results = [Result(code, out / str(k), (out / f'out.{k}').read_text(), (out / f'err.{k}').read_text())
                    for k, code in enumerate(json.loads(answer))]
         return results if processes > 1 else results[0]
+
+    def exec(self, cache: Path, code: str) -> Result:
+        """Run Python source in a fresh fork (a user's script)."""
+        self.steps += 1
+        out = self.home / f'step-{self.steps}'
+        out.mkdir()
+        step = dict(env=dict(EFFNET_TIMM_CACHE=str(cache)), stdout=str(out / 'out'), stderr=str(out / 'err'),
+                    exec=code, load=dict(out=str(out)))
+        self.proc.stdin.write(json.dumps(step) + '\n')
+        self.proc.stdin.flush()
+        assert select.select([self.proc.stdout], [], [], STEP_TIMEOUT_S)[0], 'step timed out'
+        code, = json.loads(self.proc.stdout.readline())
+        return Result(code, out, (out / 'out.0').read_text(), (out / 'err.0').read_text())
 
     def close(self) -> None:
         self.proc.stdin.close()
@@ -489,3 +502,115 @@ def test_resume_of_a_file_that_changed_meanwhile_restarts(bucket, tmp_path):
     got = download(f'{bucket.root}/x/changing.tar.gz', tmp_path / 'c.tar.gz', progress=False)
     assert got.path.read_bytes() == new and got.resumed
     assert bucket.gets('/x/changing.tar.gz')[-1] == 'GET /x/changing.tar.gz bytes=50000-'
+
+
+# --- the README's first example, `effnet-timm download` ---------------------------------------------------------
+
+
+def test_readme_first_example_works_as_written(client, bucket, tmp_path):
+    from conftest import REPO
+    import re
+    first = re.search(r'```python\n(.*?)```', (REPO / 'README.md').read_text(), re.S).group(1)
+    assert "pretrained=True" in first
+    seen = len(bucket.gets(AA))
+    result = client.exec(tmp_path / 'cache', first + '\nassert type(model).__name__ == "EffNetV1"\n')
+    assert result.code == 0, result.stdout + result.stderr[-3000:]
+    assert len(bucket.gets(AA)) == seen + 1 and not _untrusted(tmp_path / 'cache')
+
+
+@pytest.fixture
+def cli_env(bucket, tmp_path, monkeypatch):
+    """`effnet-timm download` in this process: it asks no Hub, so the loopback bucket is all it reaches."""
+    monkeypatch.setenv('EFFNET_TIMM_CKPT_ROOT', bucket.root)
+    monkeypatch.setenv('EFFNET_TIMM_CACHE', str(tmp_path / 'cache'))
+    return tmp_path / 'cache'
+
+
+def _table(out: str) -> List[List[str]]:
+    lines = out.strip().splitlines()
+    assert lines[0].split() == ['model', 'tag', 'MB', 'sha256', 'source', 'seconds'] and lines[-1].startswith('cache:')
+    return [line.split() for line in lines[1:-1]]
+
+
+def test_download_command_fills_the_cache_then_skips_it(cli_env, bucket, official, client, capsys):
+    from effnet_timm_cli import main
+    import hashlib
+    sha = hashlib.sha256(official[1]).hexdigest()
+    seen = len(bucket.requests)
+    assert main(['download', 'effnet_v1_b0.aa_in1k', 'effnet_v1_b0', '--tag', 'in1k', '--no-progress']) == 0
+    captured = capsys.readouterr()
+    rows = _table(captured.out)
+    assert [r[:5] for r in rows] == [
+        ['effnet_v1_b0', 'aa_in1k', f'{len(official[1]) / 1e6:.1f}', sha[:12], f'{bucket.root}{AA}'],
+        ['effnet_v1_b0', 'in1k', f'{len(official[1]) / 1e6:.1f}', sha[:12], f'{bucket.root}/ckpts/efficientnet-b0.tar.gz']]
+    assert sorted(bucket.requests[seen:]) == sorted([f'GET {AA}', 'GET /ckpts/efficientnet-b0.tar.gz'])
+    assert captured.err == ''
+    seen = len(bucket.requests)
+    assert main(['download', 'effnet_v1_b0.in1k', 'effnet_v1_b0.aa_in1k']) == 0
+    assert [r[4] for r in _table(capsys.readouterr().out)] == ['cache', 'cache']
+    assert bucket.requests[seen:] == []
+    # What it filled is what pretrained=True loads, with no request at all.
+    hub_free = client.load(cli_env, [('effnet_v1_b0.in1k', {})], HF_HUB_OFFLINE='1')
+    assert hub_free.code == 0, hub_free.stderr[-3000:]
+    assert bucket.requests[seen:] == []
+
+
+def test_download_command_reports_each_failure_and_fills_the_rest(cli_env, bucket, capsys):
+    from effnet_timm_cli import main
+    assert main(['download', 'effnet_v1_b2.aa_in1k', 'effnet_v1_b0.ap_in1k', '--no-progress']) == 2
+    captured = capsys.readouterr()
+    rows = _table(captured.out)
+    assert [(r[0], r[1], r[4]) for r in rows] == [('effnet_v1_b2', 'aa_in1k', 'FAILED'),
+                                                  ('effnet_v1_b0', 'ap_in1k', f'{bucket.root}/advprop/efficientnet-b0.tar.gz')]
+    err, = captured.err.strip().splitlines()
+    assert err.startswith('effnet-timm: error: ') and '/ckptsaug/efficientnet-b2.tar.gz' in err and 'HTTP 404' in err
+    assert not _untrusted(cli_env, 'effnet_v1_b0', 'ap_in1k') and _untrusted(cli_env, 'effnet_v1_b2')
+
+
+@pytest.mark.parametrize('argv, fragment', [
+    ([], 'name the models'),
+    (['effnet_v1_b9'], "'effnet_v1_b9'"),
+    (['effnet_v1_b8.in1k'], 'ap_in1k, ra_in1k'),
+    (['--tag', 'bogus'], "unknown tag 'bogus'"),
+])
+def test_download_command_bad_names_are_one_line(cli_env, bucket, capsys, argv, fragment):
+    from effnet_timm_cli import main
+    seen = len(bucket.requests)
+    assert main(['download', *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == '' and captured.err.count('\n') == 1 and fragment in captured.err, captured.err
+    assert bucket.requests[seen:] == []
+
+
+def test_download_command_names_tag_and_all():
+    from effnet_timm.prefetch import select_names
+    assert select_names(tag='ra_in1k') == [('effnet_v1_b5', 'ra_in1k'), ('effnet_v1_b7', 'ra_in1k'),
+                                           ('effnet_v1_b8', 'ra_in1k')]
+    assert select_names(['effnet_v1_l2', 'effnet_v1_b8']) == [('effnet_v1_l2', 'ns_jft_in1k_475'),
+                                                             ('effnet_v1_b8', 'ap_in1k')]
+    assert len(select_names(all_=True)) == 9 + 9 + 1 + 3 + 8 + 6  # every official file (tensorflow/tpu README)
+    assert select_names(['effnet_v1_b0.aa_in1k', 'effnet_v1_b1'], tag='in1k') == [
+        ('effnet_v1_b0', 'aa_in1k'), ('effnet_v1_b1', 'in1k')]  # --tag is for the bare names
+
+
+def test_download_command_interrupted_leaves_nothing_half_written(bucket, official, tmp_path, client):
+    cache = tmp_path / 'cache'
+    part = cache / '.tmp' / NAME / 'download' / 'efficientnet-b0.tar.gz.part'
+    bucket.release.clear()
+    bucket.faults[AA] = Fault('stall', after=len(official[1]) // 3, times=1)
+    env = dict(client.env, EFFNET_TIMM_CACHE=str(cache))
+    proc = subprocess.Popen([sys.executable, '-c', 'import sys, effnet_timm_cli; sys.exit(effnet_timm_cli.main())',
+                             'download', NAME], env=env, cwd=str(Path(__file__).resolve().parents[1]),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for(lambda: part.exists() and part.stat().st_size >= len(official[1]) // 3, STEP_TIMEOUT_S)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        bucket.release.set()
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == 'effnet-timm: interrupted', err
+    assert _untrusted(cache)
+    assert sorted(p.name for p in cache.rglob('*') if p.is_file() and '.locks' not in p.parts) == [
+        'efficientnet-b0.tar.gz.part', 'efficientnet-b0.tar.gz.part.json']  # only the resumable download
