@@ -87,10 +87,10 @@ def read_folder(folder: 'str | Path') -> ConvertedFolder:
     missing = [name for name in HUB_FILES if not (path / name).is_file()]
     if missing:
         raise CheckpointError(f'{path}: missing {", ".join(missing)} (not a folder written by effnet-convert)')
-    verify_folder(path)  # sizes and sha256 recorded at conversion: damaged bytes are never published
     converted = _provenance(path, _safetensors_metadata(path / 'model.safetensors'))
     _check_config(path / 'config.json', converted)
     _check_strict_load(path, converted)
+    verify_folder(path)  # sizes and sha256 recorded at conversion: a flipped weight still loads strictly
     return converted
 
 

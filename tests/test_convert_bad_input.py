@@ -449,3 +449,18 @@ def test_cli_help_imports_nothing_heavy():
     proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert 'the following arguments are required: --out' in proc.stderr
+
+
+def test_push_refuses_a_folder_whose_weights_changed(tmp_path, converted_tiny):
+    import shutil
+
+    from effnet_convert.hub import read_folder
+    folder = tmp_path / 'copy'
+    shutil.copytree(converted_tiny, folder)
+    read_folder(folder)
+    weights = folder / 'model.safetensors'
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0x01  # a weight's low bit: loads strictly, logits barely move, bytes differ from the record
+    weights.write_bytes(bytes(data))
+    with pytest.raises(InputError, match=r'model\.safetensors: sha256'):
+        read_folder(folder)
