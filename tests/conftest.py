@@ -41,6 +41,14 @@ def skip_or_fail(reason: str) -> None:
     pytest.skip(reason)
 
 
+@pytest.fixture(scope='session', autouse=True)
+def _private_weights_cache(tmp_path_factory):
+    """pretrained=True in tests neither reads nor fills the user's weights cache, and never reaches the official
+    bucket (a closed loopback port answers instead); tests of first use set both to their own."""
+    os.environ['EFFNET_TIMM_CACHE'] = str(tmp_path_factory.mktemp('effnet_timm_cache'))
+    os.environ['EFFNET_TIMM_CKPT_ROOT'] = 'http://127.0.0.1:9/no-bucket-in-tests'
+
+
 @pytest.fixture(scope='session')
 def converted_tiny(tmp_path_factory) -> Path:
     """The demo checkpoint converted once at 96 px. Tests read it or copy it; none may edit it."""
