@@ -194,6 +194,31 @@ def _write_devkit(folder: Path, labels: List[int]) -> Path:
     return gt
 
 
+def test_tar_read_by_timm_gives_the_same_result(capsys, tmp_path, val_dir, converted_tiny):
+    import tarfile
+
+    archive = tmp_path / 'val.tar'
+    with tarfile.open(archive, 'w') as tar:
+        tar.add(val_dir, arcname='val')
+    result, rows, out = _validate(capsys, tmp_path, archive, converted_tiny)
+    assert (result['num_images'], result['top1'], result['top5']) == (N, round(100 * N_RIGHT / N, 4),
+                                                                       round(100 * N_RIGHT / N, 4))
+    assert 'via timm create_dataset' in out
+    _check_per_image([rows[0]] + [[os.path.relpath(r[0], 'val')] + r[1:] for r in rows[1:]])
+
+
+def test_tar_with_non_synset_folders_is_refused(capsys, tmp_path, converted_tiny):
+    import tarfile
+
+    (tmp_path / 'cats').mkdir()
+    shutil.copy(SAMPLES / 'chelsea.jpg', tmp_path / 'cats' / 'a.jpg')
+    with tarfile.open(tmp_path / 'val.tar', 'w') as tar:
+        tar.add(tmp_path / 'cats', arcname='cats')
+    code, out, err = _cli(capsys, 'validate', tmp_path / 'val.tar', '--weights', converted_tiny, '--workers', 0)
+    assert code == 2 and err.count('\n') == 1
+    assert "class folder 'cats' is not an ImageNet-1k synset id" in err
+
+
 def test_timm_preprocessing_reports_its_own_numbers(capsys, tmp_path, val_dir, converted_tiny):
     result, rows, out = _validate(capsys, tmp_path, val_dir, converted_tiny, '--preprocessing', 'timm')
     assert result['num_images'] == N and 'timm eval transform' in out
@@ -360,6 +385,18 @@ def test_shards_cover_every_index_exactly_once(length, world_size):
     shards = [list(ShardSampler(length, rank, world_size)) for rank in range(world_size)]
     assert sorted(i for shard in shards for i in shard) == list(range(length))
     assert [len(ShardSampler(length, r, world_size)) for r in range(world_size)] == [len(s) for s in shards]
+
+
+@pytest.mark.parametrize('local_rank,expected', [(0, ['load', 'barrier']), (1, ['barrier', 'load'])])
+def test_pretrained_weights_are_fetched_by_local_rank_0_before_the_others_load(monkeypatch, local_rank, expected):
+    import effnet_timm.validate as validate_module
+
+    calls = []
+    monkeypatch.setattr(validate_module, 'load_model', lambda *args: calls.append('load') or 'model')
+    monkeypatch.setattr(validate_module.dist, 'barrier', lambda: calls.append('barrier'))
+    info = DistInfo(rank=2 + local_rank, world_size=4, local_rank=local_rank)  # second node
+    assert validate_module.build_model('effnet_v1_b0.aa_in1k', None, info) == 'model'
+    assert calls == expected
 
 
 def _free_port() -> int:
