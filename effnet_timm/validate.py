@@ -307,6 +307,8 @@ def validate(
         model = build_model(model_name, weights, info)
         _check_classes(model, source)
         transform, pre = eval_transform(model, preprocessing, crop)
+        runtime = dict(amp=amp, channels_last=channels_last, fuse=fuse,
+                       param_count=sum(p.numel() for p in model.parameters()))  # before fusing folds BatchNorm away
         if fuse:
             from .fusion import fuse as fuse_model
             model = fuse_model(model)
@@ -317,7 +319,7 @@ def validate(
                       channels_last=channels_last, skip_bad=skip_bad, progress=progress, info=info)
         if not info.is_main:
             return None
-        return _result(model, source, ev, pre, info, dev, dict(amp=amp, channels_last=channels_last, fuse=fuse))
+        return _result(model, source, ev, pre, info, dev, runtime)
     finally:
         if info.distributed and dist.is_initialized():
             dist.destroy_process_group()
@@ -360,7 +362,7 @@ def _result(model: torch.nn.Module, source: ImageSource, ev: Evaluation, pre: Di
     return dict(
         # timm validate.py's result keys first, with its rounding
         model=name, top1=round(top1, 4), top1_err=round(100 - top1, 4), top5=round(top5, 4),
-        top5_err=round(100 - top5, 4), param_count=round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+        top5_err=round(100 - top5, 4), param_count=round(runtime['param_count'] / 1e6, 2),
         img_size=pre['img_size'], crop_pct=pre['crop_pct'], interpolation=pre['interpolation'],
         num_images=ev.num_images,
         top1_count=ev.top1, top5_count=ev.top5, official_top1=official,

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 import pytest
@@ -26,7 +26,6 @@ from timm.data import ImageNetInfo, create_transform, resolve_data_config
 
 import effnet_timm  # noqa: F401  (registers the models)
 from effnet_timm.datasets import EvalDataset, FileSource
-from effnet_timm.errors import InputError
 from effnet_timm.validate import DistInfo, ShardSampler, evaluate, official_top1
 from effnet_timm_cli import main
 
@@ -123,6 +122,15 @@ def test_synset_folders_give_the_official_accuracy(capsys, tmp_path, val_dir, co
     assert (result['img_size'], result['crop_pct'], result['interpolation']) == (96, round(96 / 110, 4), 'bicubic')
     _check_per_image(rows)
     assert f'({N_RIGHT} / {N})' in out and 'images/s' in out
+
+
+@pytest.mark.parametrize('options', [('--fuse', '--channels-last'), ('--channels-last',)])
+def test_fused_and_channels_last_runs_give_the_official_top5(capsys, tmp_path, val_dir, converted_tiny, options):
+    result, rows, _ = _validate(capsys, tmp_path, val_dir, converted_tiny, *options)
+    assert result['num_images'] == N and result['top1'] == round(100 * N_RIGHT / N, 4)
+    assert result['param_count'] == round(sum(p.numel() for p in timm.create_model(
+        f'local-dir:{converted_tiny}').parameters()) / 1e6, 2)
+    _check_per_image(rows)
 
 
 def test_results_csv_and_json_output(capsys, tmp_path, val_dir, converted_tiny):
