@@ -96,15 +96,21 @@ def _run_info(args: argparse.Namespace) -> int:
 
 
 def _run_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument('script', metavar='SCRIPT', help="a Python script, e.g. timm's train.py or validate.py")
-    p.add_argument('script_args', nargs=argparse.REMAINDER, metavar='ARGS',
-                   help="the script's own arguments, passed as sys.argv[1:] (options included)")
+    # One REMAINDER positional for SCRIPT and its arguments: with SCRIPT a positional of its own, argparse
+    # would eat a `--` right after it, which `python SCRIPT -- ...` passes on.
+    p.add_argument('argv', nargs=argparse.REMAINDER, metavar='SCRIPT [ARGS ...]',
+                   help="a Python script (e.g. timm's train.py or validate.py) and its own arguments, "
+                        "passed as sys.argv[1:] (options included)")
 
 
 def _run_run(args: argparse.Namespace) -> int:
+    argv = args.argv[1:] if args.argv[:1] == ['--'] else args.argv
+    if not argv:
+        print(f'{PROG} run: error: the following arguments are required: SCRIPT', file=sys.stderr)
+        return 2
     from effnet_timm.scripts import run_script
 
-    return run_script(args.script, args.script_args)
+    return run_script(argv[0], argv[1:])
 
 
 # ----------------------------------------------------------------------------- validate

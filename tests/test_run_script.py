@@ -111,6 +111,19 @@ def test_script_exception_propagates_with_its_traceback(tmp_path):
     assert sys.argv == argv
 
 
+@pytest.mark.parametrize('argv', [['--', 'a'], ['-h'], ['x', '--', '--', 'y']])
+@pytest.mark.parametrize('lead', [[], ['--']])
+def test_arguments_after_the_script_are_all_the_scripts(tmp_path, capsys, argv, lead):
+    script = write(tmp_path, 'argv.py', 'import json, sys\nprint(json.dumps(sys.argv))\n')
+    assert main(['run', *lead, str(script), *argv]) == 0
+    assert json.loads(capsys.readouterr().out) == [str(script), *argv]  # as `python argv.py ARGS`
+
+
+def test_no_script_given_is_a_usage_error(capsys):
+    assert main(['run']) == 2
+    assert capsys.readouterr().err == 'effnet-timm run: error: the following arguments are required: SCRIPT\n'
+
+
 @pytest.mark.parametrize('what', ['missing', 'folder'])
 def test_no_script_is_one_line_and_exit_2(tmp_path, capsys, what):
     target = tmp_path / 'train.py'
