@@ -180,7 +180,8 @@ def open_imagenet_val(data: Path, dataset: str = '', ground_truth: Optional[Path
     entries = sorted(os.scandir(data), key=lambda e: e.name)
     folders = [e for e in entries if e.is_dir() and not e.name.startswith('.')]
     images = [e.name for e in entries if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)]
-    if ground_truth is not None or (images and not folders):
+    # ILSVRC2012_val_* files make it a flat folder (a devkit folder may sit beside them).
+    if ground_truth is not None or any(FLAT_NAME.fullmatch(name) for name in images) or (images and not folders):
         return _flat_source(data, images, ground_truth)
     if folders:
         return _synset_source(data, [e.name for e in folders], images)
@@ -309,7 +310,7 @@ def _timm_source(data: Path, dataset: str) -> TimmSource:
         raise InputError(f'--dataset {dataset}: torchvision datasets decode with Pillow; use the folder it reads')
     try:
         ds = create_dataset(dataset, root=str(data), split='validation', load_bytes=True)
-    except (OSError, ValueError, AssertionError, KeyError) as err:
+    except (OSError, ValueError, AssertionError, KeyError, ImportError) as err:
         raise InputError(f'{data}: timm cannot read it as dataset {dataset!r}: {first_line(err)}') from None
     if not hasattr(ds, 'reader') or not hasattr(ds.reader, '__getitem__'):
         raise InputError(f'--dataset {dataset}: not a map-style timm dataset')

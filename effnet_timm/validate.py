@@ -214,10 +214,19 @@ def evaluate(
                     raise InputError(f'{error} (--skip-bad counts and lists such files instead of stopping)')
                 bad.append(error)
             if ok.any():
+                if (labels[ok] < 0).any():
+                    index = int(indices[ok][labels[ok] < 0][0])
+                    raise InputError(f'{_name(dataset, index)}: has no label (the dataset must be labelled with '
+                                     'ImageNet-1k class indices)')
                 rows.append(_classify(model, x[ok], labels[ok], indices[ok], device, memory_format, amp))
             bar.update(len(errors))
     local = np.concatenate(rows) if rows else np.zeros((0, 2 + TOPK), np.int64)
     return _combine(local, bad, time.perf_counter() - start, len(dataset), info, device)
+
+
+def _name(dataset: Any, index: int) -> str:
+    source = dataset.source
+    return os.path.join(source.root, source.name(index))
 
 
 def _classify(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,

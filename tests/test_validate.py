@@ -26,6 +26,7 @@ from timm.data import ImageNetInfo, create_transform, resolve_data_config
 
 import effnet_timm  # noqa: F401  (registers the models)
 from effnet_timm.datasets import EvalDataset, FileSource
+from effnet_timm.errors import InputError
 from effnet_timm.validate import DistInfo, ShardSampler, evaluate, official_top1
 from effnet_timm_cli import main
 
@@ -225,6 +226,25 @@ def test_tar_with_non_synset_folders_is_refused(capsys, tmp_path, converted_tiny
     code, out, err = _cli(capsys, 'validate', tmp_path / 'val.tar', '--weights', converted_tiny, '--workers', 0)
     assert code == 2 and err.count('\n') == 1
     assert "class folder 'cats' is not an ImageNet-1k synset id" in err
+
+
+def test_flat_folder_beside_a_devkit_folder(capsys, tmp_path, flat_dir, converted_tiny):
+    data = tmp_path / 'flat'
+    shutil.copytree(flat_dir, data)
+    labels = [label for _, _, label in _samples()]
+    gt = _write_devkit(data / 'val' / 'ILSVRC2012_devkit_t12' / 'data', labels)  # inside the image folder
+    result, rows, _ = _validate(capsys, tmp_path, data / 'val', converted_tiny)
+    assert result['num_images'] == N and result['top1'] == round(100 * N_RIGHT / N, 4)
+    assert gt.is_file()
+    _check_per_image(rows, 'flat')
+
+
+def test_unlabelled_samples_are_refused(val_dir):
+    names = sorted(str(p.relative_to(val_dir)) for p in val_dir.rglob('*.JPEG'))
+    source = FileSource(val_dir, names, [1] * (len(names) - 1) + [-1], 'test')
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 1000))
+    with pytest.raises(InputError, match=f'{names[-1]}: has no label'):
+        evaluate(model, EvalDataset(source, lambda data: torch.zeros(3, 8, 8), (3, 8, 8)), batch_size=3, workers=0)
 
 
 def test_timm_preprocessing_reports_its_own_numbers(capsys, tmp_path, val_dir, converted_tiny):
