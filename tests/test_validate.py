@@ -30,7 +30,7 @@ from effnet_timm.errors import InputError
 from effnet_timm.validate import DistInfo, ShardSampler, evaluate, official_top1
 from effnet_timm_cli import main
 
-from conftest import FIXTURES, REPO, SAMPLES, load_manifest
+from conftest import FIXTURES, REPO, SAMPLES, load_manifest, shared_path
 
 TINY = FIXTURES / 'efficientnet-tiny'
 SYNSETS = ImageNetInfo('imagenet-1k').label_names()
@@ -123,6 +123,31 @@ def test_synset_folders_give_the_official_accuracy(capsys, tmp_path, val_dir, co
     assert (result['img_size'], result['crop_pct'], result['interpolation']) == (96, round(96 / 110, 4), 'bicubic')
     _check_per_image(rows)
     assert f'({N_RIGHT} / {N})' in out and 'images/s' in out
+
+
+def test_b0_at_224_with_the_default_crop_gives_the_official_top5(capsys, tmp_path):
+    # At 224 px the published crop (32 px padding, the default) is also the current code's 0.875 fraction.
+    from effnet_convert.converter import convert
+
+    fixture = shared_path('efficientnet-b0')
+    weights = tmp_path / 'b0'
+    convert(str(fixture), weights)
+    logits = np.load(fixture / 'logits_ema.npy')
+    images = load_manifest(fixture / 'manifest.json')['images']
+    for image, row in zip(images, logits):
+        folder = tmp_path / 'val' / SYNSETS[int(row.argmax())]
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(fixture / image['path'], folder / f"{image['name']}.JPEG")
+    results, per_image = tmp_path / 'r.json', tmp_path / 'p.csv'
+    code, out, err = _cli(capsys, 'validate', tmp_path / 'val', '--weights', weights, '--model', 'effnet_v1_b0.aa_in1k',
+                          '--workers', 0, '--no-progress', '--results-file', results, '--per-image', per_image)
+    assert code == 0, err
+    result = json.loads(results.read_text())
+    assert (result['num_images'], result['top1'], result['img_size'], result['crop_pct']) == (4, 100.0, 224, 0.875)
+    official = {image['name']: np.argsort(-row, kind='stable')[:5].tolist() for image, row in zip(images, logits)}
+    got = {Path(r[0]).stem: [int(c) for c in r[2:]] for r in list(csv.reader(per_image.open()))[1:]}
+    assert got == official
+    assert 'official    top-1 77.1 % (tensorflow/tpu README); difference +22.900' in out
 
 
 @pytest.mark.parametrize('options', [('--fuse', '--channels-last'), ('--channels-last',)])
