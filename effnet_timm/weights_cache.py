@@ -140,14 +140,15 @@ def resolve_pretrained_file(variant: str, tag: str, hf_hub_id: Optional[str] = N
         tried.append(f'Hub {hf_hub_id}: {reason}')
     if offline:
         raise PretrainedWeightsError(
-            f'{name}: offline (HF_HUB_OFFLINE=1) and not cached ({"; ".join(tried)}); fill the cache with '
+            f'{name}: could not load pretrained weights: offline (HF_HUB_OFFLINE=1) and not cached '
+            f'({"; ".join(tried)}); fill the cache with '
             f'`effnet-timm download {name}` where there is internet, or pass pretrained_cfg_overlay=dict(file=...) '
             f'with a file made by effnet-convert')
     try:
         return fill_entry(variant, tag, cache_dir).weights
     except PretrainedWeightsError as err:
         tried.append(f'official checkpoint: {first_line(err)}')
-    raise PretrainedWeightsError(f'{name}: no pretrained weights; tried {"; ".join(tried)}')
+    raise PretrainedWeightsError(f'{name}: could not load pretrained weights; tried {"; ".join(tried)}')
 
 
 # --- the Hub ------------------------------------------------------------------------------------------------------
