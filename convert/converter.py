@@ -15,6 +15,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 import effnet_timm  # noqa: F401  (registers the architectures with timm)
@@ -292,6 +293,8 @@ def _output_call(out_dir: Path, write):
         where = err.filename or out_dir
         raise CheckpointError(f'{out_dir}: cannot write the output ({where}: '
                               f'{err.strerror or errno.errorcode.get(err.errno or 0, str(err))})') from None
+    except SafetensorError as err:  # safetensors reports its own I/O errors (a full disk) this way
+        raise CheckpointError(f'{out_dir}: cannot write the output ({" ".join(str(err).split())})') from None
 
 
 def _make_parents(parent: Path) -> List[Path]:

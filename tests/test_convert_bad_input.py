@@ -311,6 +311,36 @@ def test_write_failure_gives_one_line_and_leaves_nothing(tmp_path, capsys, monke
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.fixture
+def tiny_filesystem(tmp_path):
+    """A 1 MiB tmpfs: a real full disk (model.safetensors of the demo is 1.8 MB). Needs mount rights (root)."""
+    mount = tmp_path / 'small'
+    mount.mkdir()
+    proc = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', str(mount)], capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip(f'cannot mount a tmpfs here ({proc.stderr.decode().strip()}); '
+                    'test_write_failure_gives_one_line_and_leaves_nothing covers the path')
+    yield mount
+    subprocess.run(['umount', str(mount)], check=True)
+
+
+def test_full_disk_gives_one_line_and_leaves_nothing(tmp_path, capsys, tiny_filesystem):
+    out = tiny_filesystem / 'new' / 'out'
+    _expect_error(tmp_path, capsys, [str(DEMO_CHECKPOINT)], str(out), 'No space left on device', out=out)
+    assert list(tiny_filesystem.iterdir()) == []
+
+
+def test_safetensors_write_error_gives_one_line(tmp_path, capsys, monkeypatch):
+    import effnet_convert.converter as converter
+    from safetensors import SafetensorError
+
+    def failing_save(state, filename, metadata=None):
+        raise SafetensorError('Error while serializing: I/O error: No space left on device (os error 28)')
+
+    monkeypatch.setattr(converter, 'save_file', failing_save)
+    _expect_error(tmp_path, capsys, [str(DEMO_CHECKPOINT)], 'No space left on device')
+
+
 def test_temp_folder_failure_gives_one_line(tmp_path, capsys, monkeypatch):
     import tempfile
     monkeypatch.setattr(tempfile, 'mkdtemp', lambda **k: (_ for _ in ()).throw(
