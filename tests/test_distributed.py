@@ -38,6 +38,8 @@ def create_model(checkpointing: bool) -> torch.nn.Module:
 
     import effnet_timm  # noqa: F401  (registers effnet_v1)
     model = timm.create_model('effnet_v1', **MODEL)
+    # The default under test: memory-lean training (`EffNetV1.memory_efficient`, on unless switched off).
+    assert getattr(model, 'memory_efficient', True), 'memory-lean training is not the default'
     model.set_grad_checkpointing(checkpointing)
     return model.train()
 
