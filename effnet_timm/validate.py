@@ -208,17 +208,19 @@ def evaluate(
     start = time.perf_counter()
     with _progress(len(loader.sampler), progress and info.is_main, info.world_size) as bar:
         for x, labels, indices, errors in loader:
-            ok = torch.tensor([not e for e in errors])
             for error in (e for e in errors if e):
                 if not skip_bad:
                     raise InputError(f'{error} (--skip-bad counts and lists such files instead of stopping)')
                 bad.append(error)
-            if ok.any():
-                if (labels[ok] < 0).any():
-                    index = int(indices[ok][labels[ok] < 0][0])
+            ok = torch.tensor([not e for e in errors])
+            if not ok.all():  # only then: masking copies the (pinned) batch
+                x, labels, indices = x[ok], labels[ok], indices[ok]
+            if len(indices):
+                if (labels < 0).any():
+                    index = int(indices[labels < 0][0])
                     raise InputError(f'{_name(dataset, index)}: has no label (the dataset must be labelled with '
                                      'ImageNet-1k class indices)')
-                rows.append(_classify(model, x[ok], labels[ok], indices[ok], device, memory_format, amp))
+                rows.append(_classify(model, x, labels, indices, device, memory_format, amp))
             bar.update(len(errors))
     local = np.concatenate(rows) if rows else np.zeros((0, 2 + TOPK), np.int64)
     return _combine(local, bad, time.perf_counter() - start, len(dataset), info, device)
