@@ -1,10 +1,15 @@
-"""The README's commands and numbers are the ones CI runs and the code prints; CI cannot skip the oracle tests."""
+"""The README's commands and numbers are the ones CI runs and the code prints; the package declares what it
+imports; CI cannot skip the oracle tests."""
 from __future__ import annotations
 
+import ast
+import importlib.metadata
 import os
 import re
+import shlex
 import subprocess
 import sys
+import tomllib
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Dict
@@ -36,6 +41,81 @@ def test_readme_info_table_is_the_info_command_output(info_output):
     intro = readme.index('`effnet-timm info` counts')
     block = re.search(r'```text\n(.*?)```', readme[intro:], re.S).group(1)
     assert block.rstrip('\n') == info_output.rstrip('\n')
+
+
+def test_readme_predict_example_prints_what_predict_prints(converted_tiny, capsys, monkeypatch):
+    # The example runs on the set-up command's out/demo; converted_tiny is the same conversion.
+    from effnet_timm_cli import main
+    readme = README.read_text()
+    intro = readme.index('On the demo folder from the set-up command')
+    command = re.search(r'```bash\n(.*?)```', readme[intro:], re.S).group(1).strip()
+    expected = re.search(r'```text\n(.*?)```', readme[intro:], re.S).group(1)
+    program, *args = shlex.split(command)
+    assert program == 'effnet-timm' and args[0] == 'predict' and 'out/demo' in args
+    monkeypatch.chdir(REPO)  # the example's image paths are relative to the checkout
+    assert main([str(converted_tiny) if a == 'out/demo' else a for a in args]) == 0
+    out = capsys.readouterr().out
+    assert out.rstrip('\n') == expected.rstrip('\n').replace('out/demo', str(converted_tiny))
+
+
+# ----------------------------------------------------------------------------- packaging
+
+
+def _requirement_names(requirements: list) -> set:
+    return {re.match(r'[A-Za-z0-9_.-]+', r).group(0).lower().replace('_', '-') for r in requirements}
+
+
+def _imports(path: Path, top_level_only: bool) -> set:
+    """Module roots a file imports (absolute imports, stdlib and our own excluded). Imports guarded by
+    ``except ImportError`` are optional by construction and left out."""
+    roots = set()
+
+    def visit(nodes, in_function: bool) -> None:
+        for node in nodes:
+            if isinstance(node, ast.Try) and any(_catches_import_error(h) for h in node.handlers):
+                visit(node.handlers + node.orelse + node.finalbody, in_function)
+                continue
+            if isinstance(node, ast.Import) and not (top_level_only and in_function):
+                roots.update(alias.name.split('.')[0] for alias in node.names)
+            elif (isinstance(node, ast.ImportFrom) and node.level == 0 and node.module
+                  and not (top_level_only and in_function)):
+                roots.add(node.module.split('.')[0])
+            inner = in_function or isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            visit(list(ast.iter_child_nodes(node)), inner)
+
+    visit(ast.parse(path.read_text()).body, False)
+    return roots - set(sys.stdlib_module_names) - {'effnet_timm', 'effnet_convert', 'effnet_timm_cli'}
+
+
+def _catches_import_error(handler: ast.ExceptHandler) -> bool:
+    types_ = handler.type.elts if isinstance(handler.type, ast.Tuple) else [handler.type]
+    return any(isinstance(t, ast.Name) and t.id in ('ImportError', 'ModuleNotFoundError') for t in types_)
+
+
+def test_every_imported_package_is_declared():
+    project = tomllib.loads((REPO / 'pyproject.toml').read_text())['project']
+    runtime = _requirement_names(project['dependencies'])
+    declared = runtime.union(*(_requirement_names(extra) for extra in project['optional-dependencies'].values()))
+    declared |= {'tensorflow', 'keras'}  # the `test` extra's tensorflow-cpu (keras comes with it)
+    dists = importlib.metadata.packages_distributions()
+    sources = sorted((REPO / 'effnet_timm').glob('*.py')) + sorted((REPO / 'convert').glob('*.py'))
+    sources.append(REPO / 'effnet_timm_cli.py')
+
+    def dist(module: str) -> str:
+        return dists.get(module, [module])[0].lower().replace('_', '-')
+
+    for path in sources:
+        # Imported when the module loads: a runtime dependency (Pillow was imported without being declared).
+        top = {dist(m) for m in _imports(path, top_level_only=True)}
+        assert top <= runtime, f'{path.name} imports {sorted(top - runtime)} at load time, not runtime dependencies'
+        anywhere = {dist(m) for m in _imports(path, top_level_only=False)}
+        assert anywhere <= declared, f'{path.name} imports {sorted(anywhere - declared)}, declared nowhere'
+
+
+def test_tf_exact_jpeg_decoder_is_a_runtime_dependency():
+    # preprocessing falls back to Pillow (accurate DCT, ~1 level off) without it: a plain install must not.
+    project = tomllib.loads((REPO / 'pyproject.toml').read_text())['project']
+    assert {'simplejpeg', 'pillow'} <= _requirement_names(project['dependencies'])
 
 
 # ----------------------------------------------------------------------------- CI fails what it would skip
