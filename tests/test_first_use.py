@@ -36,6 +36,7 @@ STEP_TIMEOUT_S = 300
 REL_TOL = 1e-5  # of max |logit|, as in test_convert
 AA = '/ckptsaug/efficientnet-b0.tar.gz'
 NAME = 'effnet_v1_b0.aa_in1k'
+NS = '/noisystudent/noisy_student_efficientnet-b0.tar.gz'
 CKPT_FILES = ('checkpoint', 'model.ckpt.index', 'model.ckpt.data-00000-of-00001', 'model.ckpt.meta')
 
 CLIENT = '''
@@ -178,6 +179,8 @@ def bucket(official):
         server.files.update({
             AA: data, '/ckpts/efficientnet-b0.tar.gz': data, '/advprop/efficientnet-b0.tar.gz': data,
             '/ckptsaug/efficientnet-b1.tar.gz': data,  # another variant than the path says
+            # NoisyStudent tarballs name their folder differently (tensorflow/tpu#922).
+            NS: _tarball(official[0], 'noisy_student_efficientnet-b0'),
         })
         yield server
 
@@ -436,6 +439,60 @@ def test_tarball_of_another_variant_is_refused_and_not_cached(client, bucket, tm
     assert '/ckptsaug/efficientnet-b1.tar.gz' in line and 'effnet_v1_b1' in line and 'effnet_v1_b0' in line, line
     assert _untrusted(cache, 'effnet_v1_b1')
     assert not list(cache.glob('effnet_v1_b1*')) and not list(cache.rglob('*.tar.gz*'))
+
+
+def test_bare_name_loads_its_default_tag_from_its_official_path(client, bucket, tmp_path, official):
+    seen = len(bucket.requests)
+    result = client.load(tmp_path / 'cache', [('effnet_v1_b0', {}), ('effnet_v1_b0', dict(pretrained_cfg='ns_jft_in1k'))])
+    assert result.code == 0, result.stderr[-3000:]
+    assert bucket.requests[seen:] == [f'GET {NS}']
+    assert result.info(0)['file'] == str(tmp_path / 'cache' / 'effnet_v1_b0.ns_jft_in1k' / 'model.safetensors')
+    _assert_official_logits(result.logits(0), official[0])
+    np.testing.assert_array_equal(result.logits(1), result.logits(0))
+
+
+class SilentHub:
+    """A Hub that accepts connections and never answers (a firewall that drops, a hung proxy)."""
+
+    def __init__(self):
+        import socket
+        import threading
+        self.sock = socket.create_server(('127.0.0.1', 0))
+        self.endpoint = f'http://127.0.0.1:{self.sock.getsockname()[1]}'
+        self.connections = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                self.connections.append(self.sock.accept()[0])
+            except OSError:
+                return
+
+    def close(self):
+        self.sock.close()
+        for conn in self.connections:
+            conn.close()
+
+
+def test_unreachable_hub_is_tried_once_then_the_bucket(client, bucket, tmp_path, official):
+    """huggingface_hub alone would retry a silent Hub with backoff (6 tries, ~25 s); the resolver asks once."""
+    hub = SilentHub()
+    script = f'''
+import timm, effnet_timm
+timm.create_model({NAME!r}, pretrained=True)
+'''
+    env = dict(client.env, HF_ENDPOINT=hub.endpoint, HF_HUB_ETAG_TIMEOUT='1', EFFNET_TIMM_CACHE=str(tmp_path / 'c'),
+               HF_HOME=str(tmp_path / 'hf'))
+    seen = len(bucket.gets(AA))
+    try:
+        proc = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True,
+                              timeout=STEP_TIMEOUT_S)
+    finally:
+        hub.close()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(hub.connections) == 1
+    assert len(bucket.gets(AA)) == seen + 1 and not _untrusted(tmp_path / 'c')
 
 
 # --- the Hub first, mirrors ---------------------------------------------------------------------------------------
