@@ -145,7 +145,9 @@ def resolve_pretrained_file(variant: str, tag: str, hf_hub_id: Optional[str] = N
             f'`effnet-timm download {name}` where there is internet, or pass pretrained_cfg_overlay=dict(file=...) '
             f'with a file made by effnet-convert')
     try:
-        return fill_entry(variant, tag, cache_dir).weights
+        # The bar shows on a terminal only; HF_HUB_DISABLE_PROGRESS_BARS=1 silences it as it does the Hub's.
+        quiet = os.environ.get('HF_HUB_DISABLE_PROGRESS_BARS', '').strip().lower() in ('1', 'true', 'yes', 'on')
+        return fill_entry(variant, tag, cache_dir, progress=False if quiet else None).weights
     except PretrainedWeightsError as err:
         tried.append(f'official checkpoint: {first_line(err)}')
     raise PretrainedWeightsError(f'{name}: could not load pretrained weights; tried {"; ".join(tried)}')
@@ -214,6 +216,7 @@ def _make_entry(variant: str, tag: str, root: Path, progress: Optional[bool]) ->
     _clear_except(work, download_dir)
     location = official_location(variant, tag)
     local = _local_path(location)
+    _logger.info('%s: not cached; fetching %s and converting it into %s', name, location, root / name)
     goog_hash: Dict[str, str] = {}
     if local is None:
         from .download import download
