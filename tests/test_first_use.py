@@ -671,3 +671,13 @@ def test_download_command_interrupted_leaves_nothing_half_written(bucket, offici
     assert _untrusted(cache)
     assert sorted(p.name for p in cache.rglob('*') if p.is_file() and '.locks' not in p.parts) == [
         'efficientnet-b0.tar.gz.part', 'efficientnet-b0.tar.gz.part.json']  # only the resumable download
+
+
+def test_progress_bar_only_on_a_terminal_or_when_asked(bucket, tmp_path, capsys):
+    bucket.files['/x/progress.tar.gz'] = os.urandom(100_000)
+    url = f'{bucket.root}/x/progress.tar.gz'
+    download(url, tmp_path / 'a.tar.gz')  # default: a bar only when stderr is a terminal (here it is captured)
+    download(url, tmp_path / 'b.tar.gz', progress=False)
+    assert capsys.readouterr().err == ''
+    download(url, tmp_path / 'c.tar.gz', progress=True)
+    assert '%|' in capsys.readouterr().err
