@@ -219,10 +219,10 @@ def _extract(archive: Path, workdir: Path) -> Path:
     dest = Path(tempfile.mkdtemp(prefix=f"{stem}-", dir=workdir))
     try:
         with _open_tar(archive) as tar:
-            members = tar.getmembers()
+            members, indexes = _scan(tar, archive)
             _check_members(members, archive)
             wanted = [m for m in members if _is_checkpoint_member(m)]
-            _check_expansion(tar, members, wanted, archive)
+            _check_expansion(members, wanted, indexes, archive)
             # tarfile's own 'data' filter (Python >= 3.10.12 / 3.11.4) also resolves real paths while
             # extracting; older Pythons rely on _check_members alone.
             if hasattr(tarfile, "data_filter"):
@@ -263,16 +263,12 @@ def _is_checkpoint_member(member: tarfile.TarInfo) -> bool:
     return name == "checkpoint" or name.endswith(".index") or _DATA_SHARD_SUFFIX.search(name) is not None
 
 
-def _check_expansion(
-    tar: tarfile.TarFile, members: list[tarfile.TarInfo], wanted: list[tarfile.TarInfo], archive: Path
-) -> None:
-    """Refuse, before writing anything, an archive that would unpack to far more than its checkpoint needs.
-
-    The data shards hold exactly the tensor bytes the index entries declare; a member's size is what tarfile
-    writes for it (a hard link to a member not extracted writes that member's bytes)."""
-    by_name = {_walk(PurePosixPath(m.name).parts, set()): m for m in members}
-    declared = index_bytes = 0
-    for member in wanted:
+def _scan(tar: tarfile.TarFile, archive: Path) -> tuple[list[tarfile.TarInfo], dict[str, bytes]]:
+    """Every member, and the bytes of the ``*.index`` ones, in one forward pass over the (compressed) stream:
+    reading an index later would rewind a gzip stream and decompress it all again."""
+    members, indexes = [], {}
+    while (member := tar.next()) is not None:
+        members.append(member)
         if member.isreg() and member.name.endswith(".index"):
             if member.size > _INDEX_MEMBER_LIMIT:
                 raise CheckpointError(
@@ -281,8 +277,20 @@ def _check_expansion(
                 )
             f = tar.extractfile(member)
             assert f is not None
-            declared += declared_data_size(f.read(), f"{archive}:{member.name}")
-            index_bytes += member.size
+            indexes[member.name] = f.read()
+    return members, indexes
+
+
+def _check_expansion(
+    members: list[tarfile.TarInfo], wanted: list[tarfile.TarInfo], indexes: dict[str, bytes], archive: Path
+) -> None:
+    """Refuse, before writing anything, an archive that would unpack to far more than its checkpoint needs.
+
+    The data shards hold exactly the tensor bytes the index entries declare; a member's size is what tarfile
+    writes for it (a hard link to a member not extracted writes that member's bytes)."""
+    by_name = {_walk(PurePosixPath(m.name).parts, set()): m for m in members}
+    declared = sum(declared_data_size(data, f"{archive}:{name}") for name, data in indexes.items())
+    index_bytes = sum(len(data) for data in indexes.values())
     total = 0
     for member in wanted:
         if member.islnk():
