@@ -232,12 +232,12 @@ def convert(
     check_image_size(image_size)
     if tag is not None:
         check_tag(tag)  # an unknown name fails before any download or read
+    _remove_stale_temps(out_dir)  # first: it may put back a folder a killed --overwrite run had moved aside
     if os.path.lexists(out_dir) and not overwrite:
         raise CheckpointError(f'{out_dir}: already exists (pass --overwrite to replace it)')
     created = _make_parents(out_dir.parent)
     done = False
     try:
-        _remove_stale_temps(out_dir)
         work = _output_call(out_dir, lambda: Path(tempfile.mkdtemp(prefix=_temp_prefix(out_dir), dir=out_dir.parent)))
         try:
             result = _convert_into(work, source, out_dir, variant, tag, ema, allow_partial_ema, image_size, sha256,
@@ -326,6 +326,9 @@ def _remove_created(created: List[Path]) -> None:
             break
 
 
+_REPLACED = 'replaced'  # inside a temp folder: the previous out_dir while --overwrite swaps it
+
+
 def _host() -> str:
     return re.sub(r'[^A-Za-z0-9.]', '_', socket.gethostname()) or 'host'
 
@@ -335,7 +338,10 @@ def _temp_prefix(out_dir: Path) -> str:
 
 
 def _remove_stale_temps(out_dir: Path) -> None:
-    """Remove temp folders of earlier conversions to `out_dir` on this host whose process is gone (killed)."""
+    """Remove temp folders of earlier conversions to `out_dir` on this host whose process is gone (killed).
+
+    One killed between moving the old `out_dir` aside and renaming the new one in (`_move_into_place`) holds
+    the previous output: that is put back, not deleted."""
     pattern = re.compile(rf'^\.{re.escape(out_dir.name)}\.tmp-{re.escape(_host())}-(\d+)-[A-Za-z0-9_]+$')
     try:
         names = os.listdir(out_dir.parent)
@@ -344,7 +350,14 @@ def _remove_stale_temps(out_dir: Path) -> None:
     for name in names:
         match = pattern.match(name)
         if match and not _alive(int(match.group(1))):
-            shutil.rmtree(out_dir.parent / name, ignore_errors=True)
+            stale = out_dir.parent / name
+            replaced = stale / _REPLACED
+            if os.path.lexists(replaced) and not os.path.lexists(out_dir):
+                try:
+                    os.rename(replaced, out_dir)
+                except OSError:
+                    continue  # leave it all for a person to look at rather than delete the only copy
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:
@@ -369,7 +382,7 @@ def _move_into_place(staging: Path, out_dir: Path, work: Path, overwrite: bool) 
             if not overwrite:
                 raise CheckpointError(f'{out_dir}: was created by another process while converting; left as it '
                                       f'is (pass --overwrite to replace it)')
-            old = work / 'replaced'
+            old = work / _REPLACED
             os.rename(out_dir, old)  # moved aside, not deleted, until the new folder is in place
             try:
                 os.rename(staging, out_dir)

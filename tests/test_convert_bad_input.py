@@ -436,6 +436,33 @@ def test_killed_run_leaves_a_temp_folder_the_next_run_removes(tmp_path):
     verify_folder(out)
 
 
+KILLED_WHILE_SWAPPING = r'''
+import os, signal, sys
+rename = os.rename
+def rename_or_die(src, dst, *args, **kwargs):
+    if os.path.basename(str(src)) == 'out' and '.tmp-' in str(src):  # the new folder, after the old moved aside
+        os.kill(os.getpid(), signal.SIGKILL)
+    return rename(src, dst, *args, **kwargs)
+os.rename = rename_or_die
+from effnet_convert.cli import main
+main([sys.argv[2], '--out', sys.argv[1], '--quiet', '--overwrite'])
+'''
+
+
+def test_previous_output_survives_a_kill_during_overwrite(tmp_path, capsys):
+    out = tmp_path / 'out'
+    assert main([str(DEMO_CHECKPOINT), '--out', str(out), '--quiet']) == 0
+    (out / 'marker').write_text('previous output')
+    proc = _run(KILLED_WHILE_SWAPPING, str(out), str(DEMO_CHECKPOINT))
+    assert proc.wait(timeout=300) == -signal.SIGKILL, proc.communicate()
+    assert not out.exists() and len(_leftovers(tmp_path)) == 1  # moved aside, into the dead run's temp folder
+    capsys.readouterr()
+    assert main([str(DEMO_CHECKPOINT), '--out', str(out), '--quiet']) == 2  # the next run puts it back first
+    assert 'already exists' in capsys.readouterr().err
+    assert (out / 'marker').read_text() == 'previous output' and _leftovers(tmp_path) == []
+    verify_folder(out)
+
+
 # --- 13: integrity records ------------------------------------------------------------------------------------
 
 def test_conversion_records_size_and_sha256(converted_tiny):
