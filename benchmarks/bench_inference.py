@@ -173,7 +173,6 @@ TRAIN_CHILD = r'''
 import json, re, statistics, sys, time
 import torch, timm
 import effnet_timm
-from effnet_timm.layers import BatchNormSwish2d
 name, batch, size, threads, option = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 device, precision = torch.device(sys.argv[6]), sys.argv[7]
 autocast = torch.autocast(device.type, dtype={'bf16': torch.bfloat16, 'fp16': torch.float16}.get(precision),
@@ -185,9 +184,7 @@ model = timm.create_model(name, drop_rate=0.2, drop_path_rate=0.2).train().to(de
 if option == 'checkpointing':
     model.set_grad_checkpointing()
 if option == 'plain_autograd':
-    for m in model.modules():
-        if isinstance(m, BatchNormSwish2d):
-            m.memory_efficient = False
+    model.set_memory_efficient(False)
 opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 x, y = torch.randn(batch, 3, size, size, device=device), torch.randint(0, 1000, (batch,), device=device)
 scaler = torch.amp.GradScaler(device.type, enabled=precision == 'fp16')

@@ -12,7 +12,7 @@ logits agree with the unfused model to ~2e-6 relative (below 1e-4 absolute for l
 from __future__ import annotations
 
 import copy
-from typing import Tuple, TypeVar
+from typing import Optional, Tuple, TypeVar
 
 import torch
 import torch.nn as nn
@@ -24,11 +24,11 @@ from .model import EffNetV1
 
 __all__ = ['fuse', 'FusedConv2d']
 
-# Which conv each BatchNorm follows, per module type (names as in timm's state dicts).
-_CONV_BN_PAIRS = {
-    EffNetV1: (('conv_stem', 'bn1'), ('conv_head', 'bn2')),
-    DepthwiseSeparable: (('conv_dw', 'bn1'), ('conv_pw', 'bn2')),
-    InvertedResidual: (('conv_pw', 'bn1'), ('conv_dw', 'bn2'), ('conv_pwl', 'bn3')),
+# (conv, the BatchNorm after it, the Swish after that or None), per module type.
+_CONV_BN_ACT = {
+    EffNetV1: (('conv_stem', 'bn1', 'act1'), ('conv_head', 'bn2', 'act2')),
+    DepthwiseSeparable: (('conv_dw', 'bn1', 'act1'), ('conv_pw', 'bn2', None)),
+    InvertedResidual: (('conv_pw', 'bn1', 'act1'), ('conv_dw', 'bn2', 'act2'), ('conv_pwl', 'bn3', None)),
 }
 
 
@@ -42,14 +42,15 @@ class FusedConv2d(Conv2dTfSame):
     Every conv of the network is TF 'SAME' (stride-1 odd kernels are its symmetric case), so one class
     covers them all. On CPU in fp32 the conv runs as oneDNN's fused conv + post-op kernel (the one
     inductor uses for the same fusion): Swish costs no extra pass over the output, and the 1x1 convs
-    skip the layout copies of PyTorch's default CPU path for channels_last (measured 1.5-2x on B0's).
+    skip the layout copies of PyTorch's default CPU path for channels_last (README: Performance).
     """
 
-    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, swish: bool) -> None:
+    def __init__(self, conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm, swish: bool) -> None:
         assert conv.kernel_size[0] == conv.kernel_size[1] and conv.stride[0] == conv.stride[1]
+        # The conv's own dtype and device (a bf16/fp16/fp64 or CUDA model stays one).
         super().__init__(
             conv.in_channels, conv.out_channels, conv.kernel_size[0], conv.stride[0], conv.dilation[0],
-            conv.groups, bias=True)
+            conv.groups, bias=True, device=conv.weight.device, dtype=conv.weight.dtype)
         self.pad_input = bool(getattr(conv, 'pad_input', False))
         self.swish = swish
         self.fused_kernel = _mkldnn_fusion_available()
@@ -57,7 +58,7 @@ class FusedConv2d(Conv2dTfSame):
         with torch.no_grad():
             self.weight.copy_(weight)
             self.bias.copy_(bias)
-        self.to(device=conv.weight.device, memory_format=_memory_format(conv.weight))
+        self.to(memory_format=_memory_format(conv.weight))
 
     def _conv(self, x: torch.Tensor, padding: Tuple[int, int]) -> torch.Tensor:
         if self._use_fused_kernel(x):
@@ -80,8 +81,9 @@ def _memory_format(weight: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
-def _fold_batch_norm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Conv weight and bias that compute `bn(conv(x))` with the running statistics (in float64)."""
+def _fold_batch_norm(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Conv weight and bias that compute `bn(conv(x))` with the running statistics (in float64, then
+    rounded once to the conv's dtype)."""
     scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
     bias = bn.bias.double() - bn.running_mean.double() * scale
     if conv.bias is not None:
@@ -90,14 +92,19 @@ def _fold_batch_norm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Tuple[torch.Tensor,
     return weight.to(conv.weight.dtype), bias.to(conv.weight.dtype)
 
 
-def _fuse_pair(parent: nn.Module, conv_name: str, bn_name: str) -> None:
+def _fuse_triple(parent: nn.Module, conv_name: str, bn_name: str, act_name: Optional[str]) -> None:
     conv, bn = getattr(parent, conv_name), getattr(parent, bn_name)
-    if not isinstance(bn, nn.BatchNorm2d):  # pruned head (Identity) or already fused
+    # Any BatchNorm, SyncBatchNorm included; not a pruned head (Identity) or an already fused conv.
+    if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
         return
-    swish = isinstance(getattr(bn, 'act', None), nn.SiLU)
-    assert swish or isinstance(getattr(bn, 'act', nn.Identity()), nn.Identity), f'{bn_name}: unexpected activation'
+    assert bn.track_running_stats and bn.running_mean is not None, f'{bn_name}: no running statistics to fold'
+    act = getattr(parent, act_name) if act_name else None
+    swish = isinstance(act, nn.SiLU)
+    assert act is None or swish, f'{act_name}: unexpected activation {type(act).__name__}'
     setattr(parent, conv_name, FusedConv2d(conv, bn, swish))
     setattr(parent, bn_name, nn.Identity())
+    if act_name:
+        setattr(parent, act_name, nn.Identity())
 
 
 ModelT = TypeVar('ModelT', bound=nn.Module)
@@ -112,8 +119,8 @@ def fuse(model: ModelT) -> ModelT:
     are frozen (the fused kernel is inference-only). The input model is left untouched.
     """
     fused = copy.deepcopy(model).eval().requires_grad_(False)
-    pairs = [(m, names) for m in fused.modules() for names in _CONV_BN_PAIRS.get(type(m), ())]
-    assert pairs, f'{type(model).__name__} holds no EffNetV1 to fuse'
-    for module, (conv_name, bn_name) in pairs:
-        _fuse_pair(module, conv_name, bn_name)
+    triples = [(m, names) for m in fused.modules() for names in _CONV_BN_ACT.get(type(m), ())]
+    assert triples, f'{type(model).__name__} holds no EffNetV1 to fuse'
+    for module, names in triples:
+        _fuse_triple(module, *names)
     return fused

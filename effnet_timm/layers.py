@@ -6,35 +6,31 @@ odd input is padded symmetrically. Stride-1 convs with odd kernels are always sy
 conv's own padding.
 
 PyTorch convs only pad symmetrically, so the asymmetric case costs a copy either way; eager mode copies
-the smaller tensor. timm's `Conv2dSame` pads the input (`F.pad`, very slow in channels_last). For a
+the smaller tensor. Padding the input (timm's `Conv2dSame`, `F.pad`) is slow in channels_last. For a
 strided conv whose output is smaller than its input (every depthwise one) the conv instead gets one
 stride more of symmetric padding, which moves its window starts one stride earlier, so that dropping
 its first output row/column leaves exactly TF's windows; the cropped view is then made dense again
 (BatchNorm on a strided view takes a slow kernel). Only the stem, whose 3-channel input is smaller
-than its output, pads the input. On B0's stride-2 layers (conv + BN + Swish, batch 8, 224 px,
-channels_last) this measured 2x faster than pad-then-conv and ~20 % slower than symmetric padding.
+than its output, pads the input. The README's Performance section has the measured cost of each form.
 
-torch.compile traces the same eager code; inductor then fuses the crop into the consumer, and B0
-compiled runs as fast as timm's symmetric `efficientnet_b0` (timm's `tf_efficientnet_b0`, which pads,
-measured 18 % slower). With dynamic shapes the crop specializes on each size's parity (a guard, and a
-cheap recompile per new parity pattern). torch.export instead traces the padded form with TF's pad
-before the input and `k_eff - 1` pixels in total: the pad amounts are an integer-modulo expression of
-the size but the padded size is not, so there is no guard on parity (H and W stay free) and the size
-expressions stay those of a symmetric conv. timm's `ceil`/`max` pad formula, by contrast, makes a
-dynamic-shape recompile of B0 take minutes and blocks export with free H/W.
+The crop depends on the size's parity, which a graph recorded at one size must not bake in:
+- torch.compile traces the eager code and guards on the parity (a cheap recompile per new pattern).
+- torch.export, torch.jit.trace and the legacy (TorchScript-based) ONNX exporter take the padded form
+  with TF's pad before the input and `k_eff - 1` pixels in total. Its pad amounts are an integer-modulo
+  expression of the size but the padded size is not, so export has no guard on parity (H and W stay
+  free); under torch.jit.trace the sizes are tensors and the pads are recorded as tensor arithmetic, so
+  a graph traced at one parity is exact at the other.
 """
 from __future__ import annotations
 
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import BatchNormAct2d, register_notrace_module
+from timm.layers import register_notrace_module
 
-from .recompute import attach_recipe
-
-__all__ = ['tf_same_pad', 'Conv2dTfSame', 'create_conv', 'BatchNormSwish2d', 'batch_norm_swish_me']
+__all__ = ['tf_same_pad', 'Conv2dTfSame', 'create_conv']
 
 
 def tf_same_pad(size: int, kernel_size: int, stride: int, dilation: int = 1) -> Tuple[int, int]:
@@ -42,6 +38,18 @@ def tf_same_pad(size: int, kernel_size: int, stride: int, dilation: int = 1) -> 
     effective_kernel = (kernel_size - 1) * dilation + 1
     total = max(effective_kernel - stride + (-size) % stride, 0)
     return total // 2, total - total // 2
+
+
+def _pad_before(size: int, effective_kernel: int, stride: int) -> int:
+    """TF's padding before the input (`tf_same_pad(...)[0]`), also for a traced size (a 0-dim tensor).
+
+    Under torch.jit.trace `size` is a 0-dim tensor (typed `int` for TorchScript, which never sees one), and
+    Python's `max` on it would record a constant; the tensor form records the arithmetic instead.
+    """
+    total = effective_kernel - stride + (-size) % stride
+    if isinstance(total, torch.Tensor):
+        return total.clamp(min=0) // 2
+    return max(total, 0) // 2
 
 
 def _cropped_padding(kernel_size: int, stride: int, dilation: int) -> List[Tuple[int, int]]:
@@ -71,20 +79,22 @@ class Conv2dTfSame(nn.Conv2d):
             dilation: int = 1,
             groups: int = 1,
             bias: bool = False,
+            **factory_kwargs: Any,
     ) -> None:
         super().__init__(
             in_channels, out_channels, kernel_size, stride=stride, padding=0,
-            dilation=dilation, groups=groups, bias=bias)
+            dilation=dilation, groups=groups, bias=bias, **factory_kwargs)
         # Indexed by `size % stride`; kernel, stride and dilation are the same along H and W.
         self.same_padding: List[Tuple[int, int]] = _cropped_padding(kernel_size, stride, dilation)
         # Copy whichever is smaller: the padded input or the cropped output.
         self.pad_input = in_channels * stride * stride < out_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        exporting = False
+        recording = False
         if not torch.jit.is_scripting():  # TorchScript cannot compile is_exporting
-            exporting = torch.compiler.is_exporting()
-        if self.pad_input or exporting:
+            # A recorded graph must not bake in the example's parity (see the module docstring).
+            recording = torch.compiler.is_exporting() or torch.jit.is_tracing()
+        if self.pad_input or recording:
             return self._conv(F.pad(x, self._same_pads(x)), (0, 0))
         pad_h, crop_h = self.same_padding[x.shape[-2] % self.stride[0]]
         pad_w, crop_w = self.same_padding[x.shape[-1] % self.stride[1]]
@@ -105,8 +115,8 @@ class Conv2dTfSame(nn.Conv2d):
         """
         k_h = (self.kernel_size[0] - 1) * self.dilation[0]
         k_w = (self.kernel_size[1] - 1) * self.dilation[1]
-        pad_top = tf_same_pad(x.shape[-2], self.kernel_size[0], self.stride[0], self.dilation[0])[0]
-        pad_left = tf_same_pad(x.shape[-1], self.kernel_size[1], self.stride[1], self.dilation[1])[0]
+        pad_top = _pad_before(x.shape[-2], k_h + 1, self.stride[0])
+        pad_left = _pad_before(x.shape[-1], k_w + 1, self.stride[1])
         return [pad_left, k_w - pad_left, pad_top, k_h - pad_top]
 
     def _conv(self, x: torch.Tensor, padding: Tuple[int, int]) -> torch.Tensor:
@@ -128,102 +138,3 @@ def create_conv(
             in_channels, out_channels, kernel_size, stride=1, padding=dilation * (kernel_size - 1) // 2,
             dilation=dilation, groups=groups, bias=bias)
     return Conv2dTfSame(in_channels, out_channels, kernel_size, stride, dilation, groups, bias)
-
-
-def _affine_swish(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """`silu(x * scale + shift)` per channel: a training BatchNorm + Swish with its statistics folded in."""
-    return F.silu(_affine(x, scale, shift), inplace=True)
-
-
-def _affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    # In the statistics' precision, rounded to the input's dtype as BatchNorm does (mixed precision).
-    return torch.addcmul(shift[:, None, None], x, scale[:, None, None]).to(x.dtype)
-
-
-class _BatchNormSwishMe(torch.autograd.Function):
-    """Training-mode BatchNorm followed by Swish, keeping only the BN input for backward.
-
-    Autograd would also keep the normalized tensor (the Swish input): one more activation-sized tensor
-    per BN layer. It is recomputed from the input and the saved batch statistics instead. The gradient
-    kernels are autograd's own (`silu_backward`, `native_batch_norm_backward`). Also returns the batch
-    statistics (not differentiable), from which the output itself can be recomputed.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
-                momentum: float, eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        y, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
-        ctx.save_for_backward(x, weight, bias, mean, invstd)
-        ctx.eps = eps
-        ctx.mark_non_differentiable(mean, invstd)
-        return F.silu(y, inplace=True), mean, invstd
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor, *_: Any) -> Tuple[Optional[torch.Tensor], ...]:
-        x, weight, bias, mean, invstd = ctx.saved_tensors
-        scale = invstd * weight
-        y = _affine(x, scale, bias - mean * scale)
-        # Elementwise, so the gradient can overwrite the recomputed input: one transient tensor, not two.
-        grad_y = torch.ops.aten.silu_backward.grad_input(grad_out, y, grad_input=y)
-        grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
-            grad_y, x, weight, None, None, mean, invstd, True, ctx.eps, list(ctx.needs_input_grad[:3]))
-        return grad_x, grad_w, grad_b, None, None, None, None
-
-
-def batch_norm_swish_me(
-        x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, running_mean: Optional[torch.Tensor],
-        running_var: Optional[torch.Tensor], momentum: float = 0.1, eps: float = 1e-5,
-) -> torch.Tensor:
-    """`silu(batch_norm(x, training=True))` that saves only `x` for backward (updates the running stats).
-
-    The output carries a recipe (`effnet_timm.recompute`): under `recompute_activations()` the layers
-    that read it keep `x` and two per-channel vectors instead of the output itself.
-    """
-    out, mean, invstd = _BatchNormSwishMe.apply(x, weight, bias, running_mean, running_var, momentum, eps)
-    with torch.no_grad():
-        scale = invstd * weight
-        shift = bias - mean * scale
-    return attach_recipe(out, _affine_swish, x, scale, shift)
-
-
-class BatchNormSwish2d(BatchNormAct2d):
-    """timm's `BatchNormAct2d` with Swish (same modules and state dict), memory-efficient when training.
-
-    With batch statistics and autograd recording, BN + Swish run as one `torch.autograd.Function` that
-    keeps one activation-sized tensor instead of two, and whose output the next layers recompute rather
-    than keep (`effnet_timm.recompute`, active in `EffNetV1.forward_features`). Not under torch.compile,
-    whose AOTAutograd partitioner already chooses what to recompute. The statistics and running-average
-    rules are `BatchNormAct2d.forward`'s, restated because TorchScript cannot call `super().forward`.
-    """
-
-    def __init__(self, num_features: int, apply_act: bool = True, **kwargs: Any) -> None:
-        super().__init__(num_features, apply_act=apply_act, act_layer=nn.SiLU, **kwargs)
-        self.has_swish = apply_act
-        self.memory_efficient = True  # False: plain autograd, no recomputation (e.g. to compare)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        momentum = self._momentum_for_this_step()
-        batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        # Buffers are only passed where they are read or updated (BatchNorm2d's rule).
-        keep = not self.training or self.track_running_stats
-        running_mean = self.running_mean if keep else None
-        running_var = self.running_var if keep else None
-        if not torch.jit.is_scripting():
-            if self._use_memory_efficient(batch_stats):
-                return batch_norm_swish_me(x, self.weight, self.bias, running_mean, running_var, momentum, self.eps)
-        x = F.batch_norm(x, running_mean, running_var, self.weight, self.bias, batch_stats, momentum, self.eps)
-        return self.act(self.drop(x))
-
-    @torch.jit.unused
-    def _use_memory_efficient(self, batch_stats: bool) -> bool:
-        return (self.has_swish and self.memory_efficient and batch_stats and torch.is_grad_enabled()
-                and not torch.compiler.is_compiling())
-
-    def _momentum_for_this_step(self) -> float:
-        momentum = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative average
-                momentum = 1.0 / float(self.num_batches_tracked)
-        return momentum

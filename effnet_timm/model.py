@@ -16,8 +16,9 @@ from timm.models._manipulate import checkpoint_seq
 
 from .blocks import create_block
 from .config import BlockConfig, block_table, head_filters, stem_filters
-from .layers import BatchNormSwish2d, create_conv
-from .recompute import recompute_activations
+from .bn_act import BatchNormRecompute2d, SwishRecompute
+from .layers import create_conv
+from .recompute import recompute_activations, strip_recipe
 
 __all__ = ['EffNetV1', 'BN_EPS_TF', 'BN_MOMENTUM_TF']
 
@@ -31,6 +32,8 @@ class EffNetV1(nn.Module):
 
     `width_coefficient` / `depth_coefficient` scale the official base network exactly as
     `efficientnet_builder` does, so any official-format checkpoint (B0 … L2 or a custom scale) fits.
+    `memory_efficient` (default True; `set_memory_efficient`) makes a training forward keep only the
+    conv outputs for backward and recompute the tensors between them (`effnet_timm.recompute`).
     """
 
     def __init__(
@@ -48,6 +51,7 @@ class EffNetV1(nn.Module):
             bn_momentum: float = BN_MOMENTUM_TF,
             device: Optional[Union[torch.device, str]] = None,
             dtype: Optional[torch.dtype] = None,
+            memory_efficient: bool = True,
     ) -> None:
         super().__init__()
         assert output_stride in (8, 16, 32), 'output_stride must be 8, 16 or 32'
@@ -57,22 +61,25 @@ class EffNetV1(nn.Module):
         self.in_chans = in_chans
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
-        act_layer = nn.SiLU  # Swish
-        norm_act = partial(BatchNormSwish2d, eps=bn_eps, momentum=bn_momentum)
+        self.memory_efficient = memory_efficient
+        act_layer = SwishRecompute  # Swish, a module of its own after each BatchNorm (see bn_act)
+        norm_layer = partial(BatchNormRecompute2d, eps=bn_eps, momentum=bn_momentum)
 
         # timm's device/dtype factory arguments: build in place (e.g. on 'meta' without allocating).
         with torch.device(device) if device is not None else nullcontext():
             self.block_cfgs: List[BlockConfig] = block_table(width_coefficient, depth_coefficient, depth_divisor)
             stem_chs = stem_filters(width_coefficient, depth_divisor)
             self.conv_stem = create_conv(in_chans, stem_chs, 3, stride=2)
-            self.bn1 = norm_act(stem_chs)
+            self.bn1 = norm_layer(stem_chs)
+            self.act1 = act_layer()
 
-            self.blocks, self.feature_info = self._build_stages(norm_act, act_layer, drop_path_rate, output_stride)
+            self.blocks, self.feature_info = self._build_stages(norm_layer, act_layer, drop_path_rate, output_stride)
             self.stage_ends = [info['stage'] for info in self.feature_info]
 
             self.num_features = head_filters(width_coefficient, depth_divisor)
             self.conv_head = create_conv(self.block_cfgs[-1].output_filters, self.num_features, 1)
-            self.bn2 = norm_act(self.num_features)
+            self.bn2 = norm_layer(self.num_features)
+            self.act2 = act_layer()
             self.global_pool, self.classifier = create_classifier(self.num_features, num_classes, pool_type=global_pool)
             self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
 
@@ -81,7 +88,7 @@ class EffNetV1(nn.Module):
             self.to(dtype=dtype)
 
     def _build_stages(
-            self, norm_act: Any, act_layer: type, drop_path_rate: float, output_stride: int,
+            self, norm_layer: Any, act_layer: Any, drop_path_rate: float, output_stride: int,
     ) -> Tuple[nn.Sequential, List[Dict[str, Any]]]:
         """Blocks nested as `blocks.<stage>.<repeat>`, and a feature level wherever the resolution halves next."""
         num_blocks = len(self.block_cfgs)
@@ -106,7 +113,7 @@ class EffNetV1(nn.Module):
                     stride *= cfg.stride
                 # Stochastic depth grows linearly with the block index, as `survival_prob` in TF.
                 rate = drop_path_rate * cfg.index / num_blocks
-                blocks.append(create_block(cfg, norm_act, act_layer, block_dilation, rate))
+                blocks.append(create_block(cfg, norm_layer, act_layer, nn.SiLU, block_dilation, rate))
             stages.append(nn.Sequential(*blocks))
             is_last = stage_idx + 1 == len(stage_cfgs)
             if is_last or stage_cfgs[stage_idx + 1][0].stride > 1:
@@ -118,16 +125,21 @@ class EffNetV1(nn.Module):
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         return dict(
-            stem=r'^conv_stem|bn1',
+            stem=r'^conv_stem|bn1|act1',
             blocks=[
                 (r'^blocks\.(\d+)' if coarse else r'^blocks\.(\d+)\.(\d+)', None),
-                (r'conv_head|bn2', (99999,)),
+                (r'conv_head|bn2|act2', (99999,)),
             ],
         )
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def set_memory_efficient(self, enable: bool = True) -> None:
+        """Training keeps only conv outputs for backward (True, the default) or what plain autograd keeps."""
+        self.memory_efficient = enable
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
@@ -154,7 +166,10 @@ class EffNetV1(nn.Module):
         if not torch.jit.is_scripting():
             if self._recomputes_activations():  # features_only models train through here
                 with recompute_activations():
-                    return self._forward_intermediates(x, indices, stop_early, output_fmt, intermediates_only)
+                    out = self._forward_intermediates(x, indices, stop_early, output_fmt, intermediates_only)
+                if intermediates_only:
+                    return [strip_recipe(t) for t in out]
+                return strip_recipe(out[0]), [strip_recipe(t) for t in out[1]]
         return self._forward_intermediates(x, indices, stop_early, output_fmt, intermediates_only)
 
     def _forward_intermediates(
@@ -170,7 +185,7 @@ class EffNetV1(nn.Module):
         take_stages = [self.stage_ends[i] for i in take_indices]
         last_stage = self.stage_ends[max_index]
 
-        x = self.bn1(self.conv_stem(x))
+        x = self.act1(self.bn1(self.conv_stem(x)))
         stages = self.blocks[:last_stage] if stop_early and not torch.jit.is_scripting() else self.blocks
         intermediates = []
         stage_idx = 0
@@ -184,7 +199,7 @@ class EffNetV1(nn.Module):
         if intermediates_only:
             return intermediates
         if stage_idx == len(self.blocks):
-            x = self.bn2(self.conv_head(x))
+            x = self.act2(self.bn2(self.conv_head(x)))
         return x, intermediates
 
     def prune_intermediate_layers(
@@ -203,6 +218,7 @@ class EffNetV1(nn.Module):
             # The head conv is sized for the final stage, so it goes with any truncation.
             self.conv_head = nn.Identity()
             self.bn2 = nn.Identity()
+            self.act2 = nn.Identity()
             self.num_features = self.head_hidden_size = num_chs
         if prune_head or prune_end:
             self.reset_classifier(0, '')
@@ -212,21 +228,21 @@ class EffNetV1(nn.Module):
         if not torch.jit.is_scripting():
             if self._recomputes_activations():
                 with recompute_activations():
-                    return self._forward_features(x)
+                    return strip_recipe(self._forward_features(x))
         return self._forward_features(x)
 
     def _forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.bn1(self.conv_stem(x))
+        x = self.act1(self.bn1(self.conv_stem(x)))
         if self.grad_checkpointing and not torch.jit.is_scripting():
             x = checkpoint_seq(self.blocks, x, flatten=True)
         else:
             x = self.blocks(x)
-        return self.bn2(self.conv_head(x))
+        return self.act2(self.bn2(self.conv_head(x)))
 
     @torch.jit.unused
     def _recomputes_activations(self) -> bool:
         # Checkpointing keeps only block inputs already; compile's partitioner picks its own recomputation.
-        return (self.training and torch.is_grad_enabled() and not self.grad_checkpointing
+        return (self.memory_efficient and self.training and torch.is_grad_enabled() and not self.grad_checkpointing
                 and not torch.compiler.is_compiling())
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

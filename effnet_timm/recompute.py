@@ -4,24 +4,31 @@ In an MBConv block five tensors of the expanded width are kept for backward by p
 timm): each conv output (read by its BatchNorm's backward), each BatchNorm output (read by Swish's),
 each Swish output (read by the next conv's or the SE multiply's) and the SE-scaled tensor (read by the
 projection conv's). All but the conv outputs are cheap elementwise functions of a conv output and a few
-per-channel numbers, so `BatchNormSwish2d` and `SqueezeExciteRecompute` attach a `Recompute` recipe to
-their outputs, and while `recompute_activations()` is active autograd saves the recipe instead of the
-tensor (`torch.autograd.graph.saved_tensors_hooks`). Backward recomputes the tensor from the conv output
-that is kept anyway: one extra elementwise pass per use, no extra kept memory.
+per-channel numbers, so while `recompute_activations()` records, `BatchNormRecompute2d`, `SwishRecompute`
+and `SqueezeExciteRecompute` attach a `Recompute` recipe to their outputs, and autograd saves the recipe
+instead of the tensor (`torch.autograd.graph.saved_tensors_hooks`). Backward recomputes the tensor from
+the conv output that is kept anyway: one extra elementwise pass per use, no extra kept memory.
 
-Recipes hold only tensors that are kept for backward anyway (conv outputs) and per-channel vectors, and
-check at backward that none of them was modified in place since the forward.
+A recipe is only ever a stand-in for the value it was made from:
+- a tensor edited in place after its recipe was made (a forward hook's `out.mul_(mask)`) is saved as
+  itself, as are tensors whose recipe sources were edited;
+- a recipe source edited in place after the save fails backward, as plain autograd does;
+- every tensor the hooks save as itself is checked for in-place edits at unpack, which autograd stops
+  doing for tensors that pass through saved-tensor hooks;
+- under `create_graph=True` (double backward) recipes recompute differentiably (see `bn_act`).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, List, Optional
+import threading
 from contextlib import contextmanager
+from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 import torch
 
-__all__ = ['Recompute', 'attach_recipe', 'recipe_of', 'recompute_activations']
+__all__ = ['Recompute', 'attach_recipe', 'recipe_of', 'recompute_activations', 'recording', 'strip_recipe']
 
 _RECIPE_ATTR = '_effnet_recompute'
+_state = threading.local()  # saved-tensor hooks are per thread too (DataParallel replicas run in threads)
 
 
 class Recompute:
@@ -32,14 +39,24 @@ class Recompute:
     packed use, so each tensor is recomputed once per backward.
     """
 
-    __slots__ = ('fn', 'args', 'versions', 'uses', 'value')
+    __slots__ = ('fn', 'args', 'versions', 'version', 'uses', 'value')
 
-    def __init__(self, fn: Callable[..., torch.Tensor], *args: Any) -> None:
+    def __init__(self, fn: Callable[..., torch.Tensor], version: int, *args: Any) -> None:
         self.fn = fn
         self.args = args
         self.versions: List[Optional[int]] = [a._version if isinstance(a, torch.Tensor) else None for a in args]
+        self.version = version  # of the tensor this recipe stands for, when the recipe was made
         self.uses = 0
         self.value: Optional[torch.Tensor] = None
+
+    def sources_unchanged(self) -> bool:
+        for arg, version in zip(self.args, self.versions):
+            if isinstance(arg, Recompute):
+                if not arg.sources_unchanged():
+                    return False
+            elif version is not None and arg._version != version:
+                return False
+        return True
 
     def retain(self) -> None:
         """One more read in backward (a pack, or a recipe built on this one being packed the first time)."""
@@ -61,35 +78,66 @@ class Recompute:
     def _arg(arg: Any, version: Optional[int]) -> Any:
         if isinstance(arg, Recompute):
             return arg()
-        if version is not None and arg._version != version:
-            raise RuntimeError(
-                f'effnet_timm: a tensor of shape {tuple(arg.shape)} that backward recomputes from was '
-                f'modified in place after the forward (version {version} -> {arg._version})')
+        if version is not None:
+            _check_version(arg, version)
         return arg
 
 
+def _check_version(t: torch.Tensor, version: int) -> None:
+    # Autograd's own wording, so the error reads as the one plain autograd would raise here.
+    if t._version != version:
+        raise RuntimeError(
+            f'effnet_timm: one of the variables needed for gradient computation has been modified by an '
+            f'inplace operation: a tensor of shape {tuple(t.shape)} is at version {t._version}; expected '
+            f'version {version} instead')
+
+
 def attach_recipe(out: torch.Tensor, fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
-    """Mark `out` as `fn(*args)`; tensor arguments that carry a recipe are referenced by recipe."""
-    args = tuple(recipe_of(a) or a if isinstance(a, torch.Tensor) else a for a in args)
-    setattr(out, _RECIPE_ATTR, Recompute(fn, *args))
+    """Mark `out` as `fn(*args)`; tensor arguments that carry a current recipe are referenced by recipe."""
+    args = tuple(_as_arg(a) for a in args)
+    setattr(out, _RECIPE_ATTR, Recompute(fn, out._version, *args))
     return out
 
 
-def recipe_of(t: torch.Tensor) -> Optional[Recompute]:
+def _as_arg(a: Any) -> Any:
+    recipe = recipe_of(a)
+    # A tensor edited since its recipe was made is its own source (it is kept for backward anyway).
+    return recipe if recipe is not None and recipe.version == a._version else a
+
+
+def recipe_of(t: Any) -> Optional[Recompute]:
     # Only real tensors: an FX proxy would answer any attribute with a new graph node.
     return getattr(t, _RECIPE_ATTR, None) if isinstance(t, torch.Tensor) else None
 
 
+def strip_recipe(t: Any) -> Any:
+    """Drop `t`'s recipe (outputs leaving the model carry none)."""
+    if recipe_of(t) is not None:
+        delattr(t, _RECIPE_ATTR)
+    return t
+
+
+def recording() -> bool:
+    """Whether recipes are wanted here: inside `recompute_activations()` with our hooks installed."""
+    return getattr(_state, 'depth', 0) > 0
+
+
 def _pack(t: torch.Tensor) -> Any:
     recipe = recipe_of(t)
-    if recipe is None:
-        return t
-    recipe.retain()
-    return recipe
+    if recipe is not None and recipe.version == t._version and recipe.sources_unchanged():
+        recipe.retain()
+        return recipe
+    # A detached alias: same storage and version counter, but no grad_fn, so an op that saves its own
+    # output (sigmoid) does not make a reference cycle through its node.
+    return t.detach(), t._version
 
 
 def _unpack(packed: Any) -> torch.Tensor:
-    return packed() if isinstance(packed, Recompute) else packed
+    if isinstance(packed, Recompute):
+        return packed()
+    t, version = packed  # type: Tuple[torch.Tensor, int]
+    _check_version(t, version)
+    return t
 
 
 @contextmanager
@@ -104,7 +152,11 @@ def recompute_activations() -> Iterator[None]:
         yield
         return
     with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
-        yield
+        _state.depth = getattr(_state, 'depth', 0) + 1
+        try:
+            yield
+        finally:
+            _state.depth -= 1
 
 
 def _outer_hooks_active() -> bool:

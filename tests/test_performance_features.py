@@ -5,6 +5,7 @@ speed-ups to be allowed: same numerics, same API, exportable graphs, less memory
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import pytest
@@ -14,7 +15,9 @@ import torch.nn.functional as F
 
 import effnet_timm  # noqa: F401  (registers the models)
 from effnet_timm.fusion import FusedConv2d, fuse
-from effnet_timm.layers import BatchNormSwish2d, Conv2dTfSame, batch_norm_swish_me
+from effnet_timm.bn_act import BatchNormRecompute2d, SwishRecompute, batch_norm_with_recipe
+from effnet_timm.layers import Conv2dTfSame
+from effnet_timm.recompute import recipe_of, recompute_activations, strip_recipe
 
 from conftest import realistic_init_
 
@@ -196,28 +199,39 @@ def test_onnx_export_has_constant_pads_and_onnxruntime_reproduces_the_logits(tin
 
 # --- training memory ----------------------------------------------------------------------------------
 
-def test_memory_efficient_bn_swish_passes_gradcheck():
+def _recorded_bn_swish(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """BatchNorm + Swish with recipes recorded: backward recomputes both outputs from `a`."""
+    with recompute_activations():
+        y = batch_norm_with_recipe(a, w, b, None, None, 0.1, 1e-3)
+        out = SwishRecompute()(y)  # Swish keeps y by recipe
+        assert recipe_of(y) is not None and recipe_of(out) is not None
+        return strip_recipe(out * out)  # and the multiply keeps out by recipe
+
+
+def test_recorded_bn_swish_passes_gradcheck_and_gradgradcheck():
     torch.manual_seed(0)
     x = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
     weight = (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_()
     bias = torch.randn(3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(
-        lambda a, w, b: batch_norm_swish_me(a, w, b, None, None, 0.1, 1e-3), (x, weight, bias))
+    assert torch.autograd.gradcheck(_recorded_bn_swish, (x, weight, bias))
+    assert torch.autograd.gradgradcheck(_recorded_bn_swish, (x, weight, bias))
 
 
-def test_memory_efficient_bn_swish_equals_autograd_and_updates_running_stats():
+def test_recorded_bn_swish_equals_autograd_and_updates_running_stats():
     x = torch.randn(4, 6, 7, 7, dtype=torch.float64) * 3 + 1
     grad = torch.randn_like(x)
     results = []
-    for fn in ('me', 'autograd'):
+    for recorded in (True, False):
         torch.manual_seed(0)
-        bn = BatchNormSwish2d(6, eps=1e-3, momentum=0.01).double().train()
+        bn = (BatchNormRecompute2d if recorded else torch.nn.BatchNorm2d)(6, eps=1e-3, momentum=0.01)
+        bn = bn.double().train()
         with torch.no_grad():
             bn.weight.uniform_(0.5, 1.5)
             bn.bias.normal_()
         inp = x.clone().requires_grad_()
-        bn.memory_efficient = fn == 'me'
-        out = bn(inp)
+        with recompute_activations() if recorded else contextlib.nullcontext():
+            out = (SwishRecompute() if recorded else torch.nn.SiLU())(bn(inp))
+            assert (recipe_of(out) is not None) == recorded
         out.backward(grad)
         results.append((out, inp.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var,
                         bn.num_batches_tracked))
@@ -238,9 +252,7 @@ def _bytes_kept_by_forward(model: torch.nn.Module, x: torch.Tensor) -> int:
 
 
 def _set_memory_efficient(model: torch.nn.Module, enable: bool) -> None:
-    for m in model.modules():
-        if isinstance(m, BatchNormSwish2d):
-            m.memory_efficient = enable
+    model.set_memory_efficient(enable)
 
 
 def test_training_forward_keeps_a_third_of_what_timm_keeps():
@@ -271,7 +283,7 @@ def test_recomputation_refuses_a_source_modified_in_place():
     loss = model(_input(64, 64)).sum()
     with torch.no_grad():
         captured['out'].mul_(2)  # the block's expand conv output, from which backward recomputes
-    with pytest.raises(RuntimeError, match='modified in place'):
+    with pytest.raises(RuntimeError, match='modified by an inplace operation'):
         loss.backward()
 
 
