@@ -6,8 +6,9 @@
 
 The result is the same `EffNetV1` (forward, forward_features, forward_head, forward_intermediates,
 reset_classifier, feature_info) with BatchNorm-free blocks; it is for inference only (no BatchNorm
-left to train, and the fused CPU kernel has no autograd). Folding changes only float rounding:
-logits agree with the unfused model to ~2e-6 relative (below 1e-4 absolute for logits up to ~50).
+left to train, and the fused CPU kernel has no autograd). Folding changes only float rounding (folded
+in float64, rounded once to each conv's dtype; the model's dtype and device are kept). A model whose
+BatchNorms were converted to SyncBatchNorm folds the same way.
 """
 from __future__ import annotations
 
