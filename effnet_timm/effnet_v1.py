@@ -69,10 +69,8 @@ def create_effnet_v1(variant: str, pretrained: bool = False, **kwargs: Any) -> E
         raise PretrainedWeightsError(
             f'{name}: no pretrained weights are defined; pick a tag ({", ".join(_tags_of(variant)) or "none"}) '
             f'or pass pretrained_cfg_overlay=dict(file=...) with a file made by effnet-convert')
-    if cfg.source == 'local-dir' and cfg.file:
-        verify_folder(Path(cfg.file))  # a converted folder is trusted only when its recorded sha256 match
     try:
-        return build_model_with_cfg(EffNetV1, variant, pretrained, **kwargs)
+        model = build_model_with_cfg(EffNetV1, variant, pretrained, **kwargs)
     except (OSError, ValueError, ConnectionError) as err:
         if not _is_download_error(err):
             raise
@@ -80,6 +78,11 @@ def create_effnet_v1(variant: str, pretrained: bool = False, **kwargs: Any) -> E
             f'{name}: could not load pretrained weights from {source}: {_first_line(err)}. '
             f'Convert an official checkpoint with `effnet-convert` and load it with '
             f'pretrained_cfg_overlay=dict(file=...)') from None
+    if cfg.source == 'local-dir' and cfg.file:
+        # After the strict load (whose errors name the tensor): a flipped byte loads strictly, the sha256
+        # recorded at conversion tells.
+        verify_folder(Path(cfg.file))
+    return model
 
 
 def _is_download_error(err: BaseException) -> bool:

@@ -681,3 +681,20 @@ def test_progress_bar_only_on_a_terminal_or_when_asked(bucket, tmp_path, capsys)
     assert capsys.readouterr().err == ''
     download(url, tmp_path / 'c.tar.gz', progress=True)
     assert '%|' in capsys.readouterr().err
+
+
+def test_local_dir_folder_with_a_flipped_byte_is_refused(first_use, tmp_path):
+    """`local-dir:` loads are explicit (no resolver), but their recorded sha256 is still checked: a flipped
+    weight byte loads strictly and would silently change the logits."""
+    import timm
+    import effnet_timm
+    cache, _, _, _ = first_use
+    folder = tmp_path / 'copy'
+    shutil.copytree(cache / NAME, folder)
+    assert timm.create_model(f'local-dir:{folder}', pretrained=True) is not None
+    data = bytearray((folder / 'model.safetensors').read_bytes())
+    data[-5] ^= 1
+    (folder / 'model.safetensors').write_bytes(bytes(data))
+    with pytest.raises(effnet_timm.InputError, match='sha256') as err:
+        timm.create_model(f'local-dir:{folder}', pretrained=True)
+    assert '\n' not in str(err.value) and 'model.safetensors' in str(err.value)
