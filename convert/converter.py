@@ -9,9 +9,10 @@ import shutil
 import socket
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -243,7 +244,9 @@ def convert(
             result = _convert_into(work, source, out_dir, variant, tag, ema, allow_partial_ema, image_size, sha256,
                                    verify, overwrite, progress)
         finally:
-            shutil.rmtree(work, ignore_errors=True)
+            if not (os.path.lexists(work / _REPLACED) and not os.path.lexists(out_dir)):
+                shutil.rmtree(work, ignore_errors=True)
+            # else the swap failed both ways: the previous output stays in `work` for the next run to put back
         result.seconds = time.perf_counter() - started
         done = True
         return result
@@ -352,9 +355,11 @@ def _remove_stale_temps(out_dir: Path) -> None:
         if match and not _alive(int(match.group(1))):
             stale = out_dir.parent / name
             replaced = stale / _REPLACED
-            if os.path.lexists(replaced) and not os.path.lexists(out_dir):
+            if os.path.lexists(replaced):
                 try:
-                    os.rename(replaced, out_dir)
+                    with _parent_lock(out_dir):
+                        if not os.path.lexists(out_dir):
+                            os.rename(replaced, out_dir)
                 except OSError:
                     continue  # leave it all for a person to look at rather than delete the only copy
             shutil.rmtree(stale, ignore_errors=True)
@@ -372,12 +377,22 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _move_into_place(staging: Path, out_dir: Path, work: Path, overwrite: bool) -> None:
-    """Rename the finished folder to `out_dir`; concurrent conversions to one folder take turns here."""
+@contextmanager
+def _parent_lock(out_dir: Path) -> Iterator[None]:
+    """An exclusive lock on `out_dir`'s parent folder (no lock file to leave behind); released when the
+    descriptor closes, also when the process is killed."""
     fd = os.open(out_dir.parent, os.O_RDONLY)
     try:
         if fcntl is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd closes, even if we are killed
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _move_into_place(staging: Path, out_dir: Path, work: Path, overwrite: bool) -> None:
+    """Rename the finished folder to `out_dir`; concurrent conversions to one folder take turns here."""
+    with _parent_lock(out_dir):
         if os.path.lexists(out_dir):
             if not overwrite:
                 raise CheckpointError(f'{out_dir}: was created by another process while converting; left as it '
@@ -391,8 +406,6 @@ def _move_into_place(staging: Path, out_dir: Path, work: Path, overwrite: bool) 
                 raise
         else:
             os.rename(staging, out_dir)
-    finally:
-        os.close(fd)
 
 
 def _source_files(resolved: ResolvedSource) -> List[Dict[str, str]]:

@@ -463,6 +463,26 @@ def test_previous_output_survives_a_kill_during_overwrite(tmp_path, capsys):
     verify_folder(out)
 
 
+def test_failed_swap_keeps_the_previous_output(tmp_path, capsys, monkeypatch):
+    import effnet_convert.converter as converter
+    out = tmp_path / 'out'
+    assert main([str(DEMO_CHECKPOINT), '--out', str(out), '--quiet']) == 0
+    (out / 'marker').write_text('previous output')
+    rename = os.rename
+
+    def rename_in_fails(src, dst):
+        if Path(dst) == out:
+            raise PermissionError(errno.EACCES, 'Permission denied', str(dst))
+        return rename(src, dst)
+
+    monkeypatch.setattr(converter.os, 'rename', rename_in_fails)
+    assert main([str(DEMO_CHECKPOINT), '--out', str(out), '--quiet', '--overwrite']) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and 'Permission denied' in err, err
+    kept = [p for p in tmp_path.glob('.out.tmp-*/replaced/marker')]
+    assert [p.read_text() for p in kept] == ['previous output']  # not deleted with the temp folder
+
+
 # --- 13: integrity records ------------------------------------------------------------------------------------
 
 def test_conversion_records_size_and_sha256(converted_tiny):
