@@ -381,10 +381,12 @@ def _alive(pid: int) -> bool:
 def _parent_lock(out_dir: Path) -> Iterator[None]:
     """An exclusive lock on `out_dir`'s parent folder (no lock file to leave behind); released when the
     descriptor closes, also when the process is killed."""
+    if fcntl is None:  # no flock (Windows), and directories cannot be opened there: the renames alone
+        yield
+        return
     fd = os.open(out_dir.parent, os.O_RDONLY)
     try:
-        if fcntl is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)
