@@ -36,7 +36,7 @@ class SqueezeExciteRecompute(SqueezeExcite):
         gate = self.gate(self.conv_expand(self.act1(self.conv_reduce(x.mean((2, 3), keepdim=True)))))
         out = x * gate
         if not torch.jit.is_scripting():
-            if recipe_of(x) is not None and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            if not torch.compiler.is_compiling() and torch.is_grad_enabled() and recipe_of(x) is not None:
                 attach_recipe(out, torch.mul, x, gate)
         return out
 

@@ -66,6 +66,7 @@ class BatchNormRecompute2d(nn.BatchNorm2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
         momentum = self._momentum_for_this_step()
         batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         # Buffers are only passed where they are read or updated (BatchNorm2d's rule).
@@ -80,8 +81,8 @@ class BatchNormRecompute2d(nn.BatchNorm2d):
     @torch.jit.unused
     def _records_recipe(self, x: torch.Tensor) -> bool:
         # Not under torch.compile, whose partitioner chooses what to recompute itself; not for FX proxies.
-        return (self.affine and isinstance(x, torch.Tensor) and x.dim() == 4 and recording()
-                and torch.is_grad_enabled() and not torch.compiler.is_compiling())
+        return (not torch.compiler.is_compiling() and self.affine and isinstance(x, torch.Tensor)
+                and recording() and torch.is_grad_enabled())
 
     def _momentum_for_this_step(self) -> float:
         momentum = 0.0 if self.momentum is None else self.momentum
@@ -107,4 +108,4 @@ class SwishRecompute(nn.SiLU):
 
     @torch.jit.unused
     def _records_recipe(self, x: torch.Tensor) -> bool:
-        return recipe_of(x) is not None and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        return not torch.compiler.is_compiling() and torch.is_grad_enabled() and recipe_of(x) is not None
