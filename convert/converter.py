@@ -24,7 +24,7 @@ from effnet_timm.integrity import file_digests
 from effnet_timm.pretrained import TAGS, official_url, pretrained_cfg
 
 from .errors import CheckpointError
-from .mapping import EMA_SUFFIX, RMSPROP_SUFFIXES, Architecture, Slot, detect_architecture, official_layout, \
+from .mapping import EMA_SUFFIX, RMSPROP_SUFFIXES, Architecture, detect_architecture, official_layout, \
     to_torch_layout
 from .sources import ResolvedSource, resolve_source, sha256_file
 from .tf_bundle import TensorBundle
