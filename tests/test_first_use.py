@@ -698,3 +698,17 @@ def test_local_dir_folder_with_a_flipped_byte_is_refused(first_use, tmp_path):
     with pytest.raises(effnet_timm.InputError, match='sha256') as err:
         timm.create_model(f'local-dir:{folder}', pretrained=True)
     assert '\n' not in str(err.value) and 'model.safetensors' in str(err.value)
+
+
+def test_two_threads_of_one_process_fill_an_entry_once(bucket, tmp_path, monkeypatch, official):
+    """fcntl locks are per process on some systems; the entry lock must also keep threads apart."""
+    from concurrent.futures import ThreadPoolExecutor
+    from effnet_timm.weights_cache import fill_entry
+    monkeypatch.setenv('EFFNET_TIMM_CKPT_ROOT', bucket.root)
+    monkeypatch.setenv('EFFNET_TIMM_CACHE', str(tmp_path / 'cache'))
+    seen = len(bucket.gets(AA))
+    with ThreadPoolExecutor(2) as pool:
+        entries = list(pool.map(lambda _: fill_entry('effnet_v1_b0', 'aa_in1k', progress=False), range(2)))
+    assert len(bucket.gets(AA)) == seen + 1
+    assert sorted(e.fetched_now for e in entries) == [False, True]
+    assert entries[0].weights == entries[1].weights and not _untrusted(tmp_path / 'cache')
