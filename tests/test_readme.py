@@ -140,6 +140,9 @@ def test_importorskip():
 def test_platform():
     pass
 
+def test_machine_skip():
+    pytest.skip('this CPU build has no float16 conv')
+
 def test_plain():
     pass
 '''
@@ -180,14 +183,14 @@ def _outcomes(root: Path, **env: str) -> Dict[str, str]:
 def test_missing_oracles_skip_outside_ci(tiny_suite, env):
     assert _outcomes(tiny_suite, **env) == {
         'test_shared': 'skipped', 'test_tf': 'skipped', 'test_own_skip': 'skipped', 'test_importorskip': 'skipped',
-        'test_platform': 'skipped', 'test_plain': 'passed'}
+        'test_platform': 'skipped', 'test_machine_skip': 'skipped', 'test_plain': 'passed'}
 
 
 @pytest.mark.parametrize('env', [{'CI': 'true'}, {'CI': '1'}, {'EFFNET_TIMM_REQUIRE_ORACLES': '1'}])
 def test_missing_oracles_fail_under_ci(tiny_suite, env):
     assert _outcomes(tiny_suite, **env) == {
         'test_shared': 'failed', 'test_tf': 'failed', 'test_own_skip': 'failed', 'test_importorskip': 'failed',
-        'test_platform': 'skipped', 'test_plain': 'passed'}
+        'test_platform': 'skipped', 'test_machine_skip': 'skipped', 'test_plain': 'passed'}
 
 
 def test_ci_failure_says_why(tiny_suite):
