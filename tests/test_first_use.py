@@ -712,3 +712,30 @@ def test_two_threads_of_one_process_fill_an_entry_once(bucket, tmp_path, monkeyp
     assert len(bucket.gets(AA)) == seen + 1
     assert sorted(e.fetched_now for e in entries) == [False, True]
     assert entries[0].weights == entries[1].weights and not _untrusted(tmp_path / 'cache')
+
+
+def test_official_locations_and_cache_root(monkeypatch, tmp_path):
+    """Bucket paths as the tensorflow/tpu README links them (written out here, not derived from TAGS)."""
+    from effnet_timm.weights_cache import cache_root, official_location
+    monkeypatch.delenv('EFFNET_TIMM_CKPT_ROOT', raising=False)
+    root = 'https://storage.googleapis.com/cloud-tpu-checkpoints/efficientnet'
+    expected = {
+        ('effnet_v1_b0', 'in1k'): '/ckpts/efficientnet-b0.tar.gz',
+        ('effnet_v1_b7', 'aa_in1k'): '/ckptsaug/efficientnet-b7.tar.gz',
+        ('effnet_v1_b8', 'ra_in1k'): '/randaug/efficientnet-b8-randaug.tar.gz',
+        ('effnet_v1_b8', 'ap_in1k'): '/advprop/efficientnet-b8.tar.gz',
+        ('effnet_v1_b3', 'ns_jft_in1k'): '/noisystudent/noisy_student_efficientnet-b3.tar.gz',
+        ('effnet_v1_l2', 'ns_jft_in1k'): '/noisystudent/noisy_student_efficientnet-l2.tar.gz',
+        ('effnet_v1_l2', 'ns_jft_in1k_475'): '/noisystudent/noisy_student_efficientnet-l2_475.tar.gz',
+    }
+    for (variant, tag), path in expected.items():
+        assert official_location(variant, tag) == root + path
+    monkeypatch.setenv('EFFNET_TIMM_CKPT_ROOT', 'https://mirror.example/effnet/')
+    assert official_location('effnet_v1_b0', 'in1k') == 'https://mirror.example/effnet/ckpts/efficientnet-b0.tar.gz'
+    monkeypatch.delenv('EFFNET_TIMM_CACHE', raising=False)
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'xdg'))
+    assert cache_root() == tmp_path / 'xdg' / 'effnet_timm'
+    monkeypatch.delenv('XDG_CACHE_HOME')
+    monkeypatch.setenv('HOME', str(tmp_path / 'home'))
+    assert cache_root() == tmp_path / 'home' / '.cache' / 'effnet_timm'
+    assert cache_root(tmp_path / 'timm-cache-dir') == tmp_path / 'timm-cache-dir' / 'effnet_timm'
