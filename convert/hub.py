@@ -138,9 +138,14 @@ def _check_config(file: Path, converted: ConvertedFolder) -> None:
 
 
 def _check_strict_load(path: Path, converted: ConvertedFolder) -> None:
+    # The structure alone, as `local-dir:` builds it (architecture + model_args from config.json): the
+    # recorded sizes/sha256 are verified separately, so a damaged file and a wrong one each get their message.
+    from safetensors.torch import load_file
     try:
-        timm.create_model(f'local-dir:{path}', pretrained=True)  # timm loads pretrained weights strictly
-    except (RuntimeError, ValueError, TypeError, KeyError, OSError) as err:
+        config = json.loads((path / 'config.json').read_text())
+        model = timm.create_model(config['architecture'], pretrained=False, **config.get('model_args', {}))
+        model.load_state_dict(load_file(str(path / 'model.safetensors')), strict=True)
+    except (RuntimeError, ValueError, TypeError, KeyError, OSError, SafetensorError) as err:
         reason = ' '.join(str(err).split())
         raise CheckpointError(f'{path}: model.safetensors does not load strictly into {converted.variant} as '
                               f'config.json declares it: {reason[:300]}') from None
