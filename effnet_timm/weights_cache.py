@@ -105,13 +105,17 @@ def fill_entry(variant: str, tag: str, cache_dir=None, progress: Optional[bool] 
     _check_known(variant, tag)
     root = cache_root(cache_dir)
     name = f'{variant}.{tag}'
-    (root / '.locks').mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(root / '.locks' / f'{name}.lock'))
     try:
-        lock.acquire(timeout=_WAIT_NOTICE_S)
-    except Timeout:
-        _logger.warning('%s: another process is fetching it; waiting for %s', name, lock.lock_file)
-        lock.acquire()
+        (root / '.locks').mkdir(parents=True, exist_ok=True)
+        try:
+            lock.acquire(timeout=_WAIT_NOTICE_S)
+        except Timeout:
+            _logger.warning('%s: another process is fetching it; waiting for %s', name, lock.lock_file)
+            lock.acquire()
+    except OSError as err:
+        raise PretrainedWeightsError(f'{root}: cannot write the weights cache ({err.strerror or err}); set '
+                                     f'{ENV_CACHE} to a writable folder') from None
     try:
         entry = cached_entry(variant, tag, cache_dir)
         if entry is not None:

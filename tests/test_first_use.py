@@ -739,3 +739,15 @@ def test_official_locations_and_cache_root(monkeypatch, tmp_path):
     monkeypatch.setenv('HOME', str(tmp_path / 'home'))
     assert cache_root() == tmp_path / 'home' / '.cache' / 'effnet_timm'
     assert cache_root(tmp_path / 'timm-cache-dir') == tmp_path / 'timm-cache-dir' / 'effnet_timm'
+
+
+def test_unwritable_cache_is_one_line(bucket, tmp_path, monkeypatch, capsys):
+    from effnet_timm_cli import main
+    (tmp_path / 'a-file').write_text('')
+    monkeypatch.setenv('EFFNET_TIMM_CKPT_ROOT', bucket.root)
+    monkeypatch.setenv('EFFNET_TIMM_CACHE', str(tmp_path / 'a-file' / 'cache'))
+    seen = len(bucket.requests)
+    assert main(['download', NAME, '--no-progress']) == 2
+    err, = capsys.readouterr().err.strip().splitlines()
+    assert f'{tmp_path / "a-file" / "cache"}: cannot write the weights cache' in err and 'EFFNET_TIMM_CACHE' in err
+    assert bucket.requests[seen:] == []
