@@ -214,13 +214,22 @@ def _stream(url: str, response, state: _PartState, offset: int, total: int, prog
                 chunk = response.read1(min(_CHUNK, total - received))
                 if not chunk:
                     break
-                out.write(chunk)
+                _write(out, chunk, state)
                 received += len(chunk)
                 bar.update(len(chunk))
     except (OSError, http.client.HTTPException) as err:  # dropped connection, read timeout
         raise _Retry(f'{_reason(err)} after {received} of {total} bytes') from None
     if received != total:  # http.client ends a short body silently when the server closes early
         raise _Retry(f'connection closed after {received} of {total} bytes')
+
+
+def _write(out, chunk: bytes, state: _PartState) -> None:
+    # A full disk is not a dropped connection: no retry, and the partial file goes (it holds the space).
+    try:
+        out.write(chunk)
+    except OSError as err:
+        state.discard()
+        raise DownloadError(f'{state.part}: cannot write ({err.strerror or err})') from None
 
 
 def _verify(url: str, part: Path, headers: _Headers):

@@ -751,3 +751,21 @@ def test_unwritable_cache_is_one_line(bucket, tmp_path, monkeypatch, capsys):
     err, = capsys.readouterr().err.strip().splitlines()
     assert f'{tmp_path / "a-file" / "cache"}: cannot write the weights cache' in err and 'EFFNET_TIMM_CACHE' in err
     assert bucket.requests[seen:] == []
+
+
+def test_full_disk_is_one_line_without_retries_and_frees_the_partial_file(bucket, tmp_path):
+    import resource
+    bucket.files['/x/big.tar.gz'] = os.urandom(3 << 20)
+    seen = len(bucket.gets('/x/big.tar.gz'))
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, limits[1]))
+    try:
+        with pytest.raises(DownloadError, match='cannot write') as err:
+            download(f'{bucket.root}/x/big.tar.gz', tmp_path / 'big.tar.gz', progress=False)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, previous)
+    assert 'big.tar.gz.part' in str(err.value) and '\n' not in str(err.value)
+    assert len(bucket.gets('/x/big.tar.gz')) == seen + 1  # not retried
+    assert not (tmp_path / 'big.tar.gz.part').exists()
