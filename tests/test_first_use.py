@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tarfile
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np
 import pytest
@@ -51,6 +51,9 @@ def load(out, specs, inputs):
             y = model(x[:, :1] if kwargs.get('in_chans') == 1 else x)
         for j, t in enumerate(y if isinstance(y, (list, tuple)) else [y]):
             np.save(f'{out}/{i}.{j}.npy', t.numpy())
+        if hasattr(model, 'forward_features') and kwargs.get('num_classes') is not None:
+            with torch.inference_mode():
+                np.save(f'{out}/{i}.features.npy', model.forward_features(x).numpy())
         cfg = getattr(model, 'pretrained_cfg', None) or {}
         with open(f'{out}/{i}.json', 'w') as f:
             json.dump(dict(file=cfg.get('file'), crop_pct=cfg.get('crop_pct')), f)
@@ -291,14 +294,14 @@ def test_features_only_num_classes_and_in_chans_load_from_the_cache(client, buck
         _, features = model.forward_intermediates(x, indices=(2, 4))
         np.testing.assert_allclose(result.logits(0, 0), features[0].numpy(), rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(result.logits(0, 1), features[1].numpy(), rtol=1e-4, atol=1e-4)
-        pre_logits = model.forward_head(model.forward_features(x), pre_logits=True)
-    assert result.logits(1).shape == (x.shape[0], 10)  # classifier dropped, the body loaded
-    assert not np.allclose(result.logits(1), 0)
+    assert result.logits(1).shape == (x.shape[0], 10)  # classifier dropped, the body loaded:
+    with torch.inference_mode():
+        body = model.forward_features(x).numpy()
+    np.testing.assert_allclose(np.load(result.out / '1.features.npy'), body, rtol=1e-4, atol=1e-4 * np.abs(body).max())
     gray = x[:, :1]
     with torch.inference_mode():  # timm's in_chans=1 stem adaptation sums the RGB filters
         expected = model(gray.expand(-1, 3, -1, -1)).numpy()
     np.testing.assert_allclose(result.logits(2), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
-    del pre_logits
 
 
 def test_offline_uses_only_the_cache_and_names_the_command_that_fills_it(hub, bucket, first_use, tmp_path, client):
@@ -443,7 +446,8 @@ def test_tarball_of_another_variant_is_refused_and_not_cached(client, bucket, tm
 
 def test_bare_name_loads_its_default_tag_from_its_official_path(client, bucket, tmp_path, official):
     seen = len(bucket.requests)
-    result = client.load(tmp_path / 'cache', [('effnet_v1_b0', {}), ('effnet_v1_b0', dict(pretrained_cfg='ns_jft_in1k'))])
+    specs = [('effnet_v1_b0', {}), ('effnet_v1_b0', dict(pretrained_cfg='ns_jft_in1k'))]
+    result = client.load(tmp_path / 'cache', specs)
     assert result.code == 0, result.stderr[-3000:]
     assert bucket.requests[seen:] == [f'GET {NS}']
     assert result.info(0)['file'] == str(tmp_path / 'cache' / 'effnet_v1_b0.ns_jft_in1k' / 'model.safetensors')
@@ -599,7 +603,8 @@ def test_download_command_fills_the_cache_then_skips_it(cli_env, bucket, officia
     rows = _table(captured.out)
     assert [r[:5] for r in rows] == [
         ['effnet_v1_b0', 'aa_in1k', f'{len(official[1]) / 1e6:.1f}', sha[:12], f'{bucket.root}{AA}'],
-        ['effnet_v1_b0', 'in1k', f'{len(official[1]) / 1e6:.1f}', sha[:12], f'{bucket.root}/ckpts/efficientnet-b0.tar.gz']]
+        ['effnet_v1_b0', 'in1k', f'{len(official[1]) / 1e6:.1f}', sha[:12],
+         f'{bucket.root}/ckpts/efficientnet-b0.tar.gz']]
     assert sorted(bucket.requests[seen:]) == sorted([f'GET {AA}', 'GET /ckpts/efficientnet-b0.tar.gz'])
     assert captured.err == ''
     seen = len(bucket.requests)
@@ -617,8 +622,9 @@ def test_download_command_reports_each_failure_and_fills_the_rest(cli_env, bucke
     assert main(['download', 'effnet_v1_b2.aa_in1k', 'effnet_v1_b0.ap_in1k', '--no-progress']) == 2
     captured = capsys.readouterr()
     rows = _table(captured.out)
-    assert [(r[0], r[1], r[4]) for r in rows] == [('effnet_v1_b2', 'aa_in1k', 'FAILED'),
-                                                  ('effnet_v1_b0', 'ap_in1k', f'{bucket.root}/advprop/efficientnet-b0.tar.gz')]
+    advprop = f'{bucket.root}/advprop/efficientnet-b0.tar.gz'
+    assert [(r[0], r[1], r[4]) for r in rows] == [
+        ('effnet_v1_b2', 'aa_in1k', 'FAILED'), ('effnet_v1_b0', 'ap_in1k', advprop)]
     err, = captured.err.strip().splitlines()
     assert err.startswith('effnet-timm: error: ') and '/ckptsaug/efficientnet-b2.tar.gz' in err and 'HTTP 404' in err
     assert not _untrusted(cli_env, 'effnet_v1_b0', 'ap_in1k') and _untrusted(cli_env, 'effnet_v1_b2')
