@@ -388,3 +388,11 @@ def test_info_one_tag_json(capsys):
     assert row['model'] == 'effnet_v1_b0.ap_in1k' and row['params'] == 5_288_548
     assert row['mean'] == row['std'] == [0.5, 0.5, 0.5]
     assert [t['tag'] for t in row['tags']] == ['ap_in1k']
+
+
+def test_the_fronts_copies_of_library_constants_agree():
+    # The front keeps copies so that --help imports nothing heavy; they must not drift.
+    import effnet_timm_cli
+    from effnet_timm.predict import CROPS, IMAGE_EXTENSIONS
+    assert effnet_timm_cli.IMAGE_EXTENSIONS.split() == list(IMAGE_EXTENSIONS)
+    assert effnet_timm_cli.CROPS == CROPS
