@@ -55,7 +55,9 @@ def batch_norm_with_recipe(
     with torch.no_grad():
         scale = invstd * weight
         shift = bias - mean * scale
-    return attach_recipe(y, _recompute_batch_norm, x, scale, shift, weight, bias, eps)
+    # Not cached in backward: recomputing is one pass, holding it from the Swish output's recomputation
+    # (the next conv's backward) to the Swish's own backward would keep one more tensor alive.
+    return attach_recipe(y, _recompute_batch_norm, x, scale, shift, weight, bias, eps, cache=False)
 
 
 class BatchNormRecompute2d(nn.BatchNorm2d):

@@ -35,14 +35,16 @@ class Recompute:
     """How to recompute a tensor: `fn(*args)`, where recipe arguments are recomputed first.
 
     Backward may read one tensor several times (the SE input feeds both the multiply and, through the
-    scaled tensor, the projection conv): the value is kept from its first recomputation until its last
-    packed use, so each tensor is recomputed once per backward.
+    scaled tensor, the projection conv): with `cache`, the value is kept from its first recomputation
+    until its last packed use, so it is recomputed once per backward. Without (a BatchNorm output, one
+    cheap pass from the kept conv output), it is recomputed at each use rather than held between them.
     """
 
-    __slots__ = ('fn', 'args', 'versions', 'version', 'uses', 'value')
+    __slots__ = ('fn', 'args', 'versions', 'version', 'cache', 'uses', 'value')
 
-    def __init__(self, fn: Callable[..., torch.Tensor], version: int, *args: Any) -> None:
+    def __init__(self, fn: Callable[..., torch.Tensor], version: int, *args: Any, cache: bool = True) -> None:
         self.fn = fn
+        self.cache = cache
         self.args = args
         self.versions: List[Optional[int]] = [a._version if isinstance(a, torch.Tensor) else None for a in args]
         self.version = version  # of the tensor this recipe stands for, when the recipe was made
@@ -71,7 +73,7 @@ class Recompute:
         if value is None:
             value = self.fn(*[self._arg(arg, version) for arg, version in zip(self.args, self.versions)])
         self.uses -= 1
-        self.value = value if self.uses > 0 else None
+        self.value = value if self.cache and self.uses > 0 else None
         return value
 
     @staticmethod
@@ -92,10 +94,10 @@ def _check_version(t: torch.Tensor, version: int) -> None:
             f'version {version} instead')
 
 
-def attach_recipe(out: torch.Tensor, fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+def attach_recipe(out: torch.Tensor, fn: Callable[..., torch.Tensor], *args: Any, cache: bool = True) -> torch.Tensor:
     """Mark `out` as `fn(*args)`; tensor arguments that carry a current recipe are referenced by recipe."""
     args = tuple(_as_arg(a) for a in args)
-    setattr(out, _RECIPE_ATTR, Recompute(fn, out._version, *args))
+    setattr(out, _RECIPE_ATTR, Recompute(fn, out._version, *args, cache=cache))
     return out
 
 
