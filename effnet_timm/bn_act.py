@@ -68,7 +68,8 @@ class BatchNormRecompute2d(nn.BatchNorm2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input_dim(x)
+        if isinstance(x, torch.Tensor):  # not an FX proxy (its dim() is a graph node, not an int)
+            self._check_input_dim(x)
         momentum = self._momentum_for_this_step()
         batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         # Buffers are only passed where they are read or updated (BatchNorm2d's rule).
