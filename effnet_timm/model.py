@@ -9,10 +9,10 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from timm.layers import create_classifier, get_device_dtype
 from timm.models._efficientnet_builder import efficientnet_init_weights
 from timm.models._features import feature_take_indices
-from timm.models._manipulate import checkpoint_seq
 
 from .blocks import create_block
 from .config import BlockConfig, block_table, head_filters, stem_filters
@@ -25,6 +25,25 @@ __all__ = ['EffNetV1', 'BN_EPS_TF', 'BN_MOMENTUM_TF']
 BN_EPS_TF = 1e-3
 BN_MOMENTUM_TF = 0.01  # TF's decay 0.99 expressed as PyTorch momentum
 STOCHASTIC_DEPTH_TF = 0.2  # official `survival_prob` 0.8 at the last block
+
+
+class Stage(nn.Sequential):
+    """A stage's blocks. With gradient checkpointing each block is checkpointed from inside the stage's own
+    forward, so hooks on the stage (an FSDP2 unit gathering its parameters, a profiler) still run; timm's
+    `checkpoint_seq(..., flatten=True)` calls the blocks past their stage."""
+
+    def __init__(self, *blocks: nn.Module) -> None:
+        super().__init__(*blocks)
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            for block in self:
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            return x
+        for block in self:
+            x = block(x)
+        return x
 
 
 class EffNetV1(nn.Module):
@@ -99,7 +118,7 @@ class EffNetV1(nn.Module):
             stage_cfgs[-1].append(cfg)
 
         stride, dilation = 2, 1  # after the stem
-        stages: List[nn.Sequential] = []
+        stages: List[Stage] = []
         feature_info: List[Dict[str, Any]] = []
         for stage_idx, cfgs in enumerate(stage_cfgs):
             blocks = []
@@ -114,7 +133,7 @@ class EffNetV1(nn.Module):
                 # Stochastic depth grows linearly with the block index, as `survival_prob` in TF.
                 rate = drop_path_rate * cfg.index / num_blocks
                 blocks.append(create_block(cfg, norm_layer, act_layer, nn.SiLU, block_dilation, rate))
-            stages.append(nn.Sequential(*blocks))
+            stages.append(Stage(*blocks))
             is_last = stage_idx + 1 == len(stage_cfgs)
             if is_last or stage_cfgs[stage_idx + 1][0].stride > 1:
                 feature_info.append(dict(
@@ -135,6 +154,8 @@ class EffNetV1(nn.Module):
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
+        for stage in self.blocks:
+            stage.grad_checkpointing = enable
 
     @torch.jit.ignore
     def set_memory_efficient(self, enable: bool = True) -> None:
@@ -190,10 +211,7 @@ class EffNetV1(nn.Module):
         intermediates = []
         stage_idx = 0
         for stage_idx, stage in enumerate(stages, start=1):
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint_seq(stage, x)
-            else:
-                x = stage(x)
+            x = stage(x)  # checkpoints its blocks itself when enabled
             if stage_idx in take_stages:
                 intermediates.append(x)
         if intermediates_only:
@@ -233,10 +251,7 @@ class EffNetV1(nn.Module):
 
     def _forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act1(self.bn1(self.conv_stem(x)))
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            x = checkpoint_seq(self.blocks, x, flatten=True)
-        else:
-            x = self.blocks(x)
+        x = self.blocks(x)  # each stage checkpoints its blocks itself when enabled
         return self.act2(self.bn2(self.conv_head(x)))
 
     @torch.jit.unused
