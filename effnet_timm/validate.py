@@ -366,8 +366,9 @@ def _result(model: torch.nn.Module, source: ImageSource, ev: Evaluation, pre: Di
             dev: torch.device, runtime: Dict[str, Any]) -> Dict[str, Any]:
     cfg = model.pretrained_cfg
     name = cfg.get('architecture', type(model).__name__) + (f".{cfg['tag']}" if cfg.get('tag') else '')
-    n = max(ev.num_images, 1)
-    top1, top5 = 100 * ev.top1 / n, 100 * ev.top5 / n
+    if ev.num_images == 0:  # every file was skipped: an accuracy of nothing is no number at all
+        raise InputError(f'{source.root}: no image could be decoded ({len(ev.bad)} skipped with --skip-bad)')
+    top1, top5 = 100 * ev.top1 / ev.num_images, 100 * ev.top5 / ev.num_images
     official = official_top1(model)
     names = [source.name(int(i)) for i in ev.rows[:, 0]]
     return dict(

@@ -395,6 +395,19 @@ def test_truncated_jpeg_stops_with_its_name_or_is_skipped(capsys, tmp_path, val_
     assert f'skipped     1 undecodable file(s), not counted:\n  {bad}: cannot decode image' in out
 
 
+def test_skip_bad_with_every_image_bad_stops_instead_of_reporting_zero(capsys, tmp_path, val_dir, converted_tiny):
+    data = tmp_path / 'val'
+    shutil.copytree(val_dir, data)
+    for path in data.rglob('*.JPEG'):
+        _truncated(path)
+    results = tmp_path / 'r.json'
+    code, out, err = _cli(capsys, 'validate', data, '--weights', converted_tiny, '--no-progress', '--workers', 0,
+                          '--skip-bad', '--results-file', results)
+    assert code == 2 and err.count('\n') == 1, err
+    assert err.startswith(f'effnet-timm: error: {data}: no image could be decoded ({N} skipped'), err
+    assert '%' not in out and not results.exists()
+
+
 def test_png_named_jpeg_is_decoded_by_its_content(capsys, tmp_path, converted_tiny, tf):
     # The PNG holds exactly TensorFlow's decode of chelsea.jpg, so the official top-5 of chelsea applies.
     rgb = tf.io.decode_jpeg((SAMPLES / 'chelsea.jpg').read_bytes(), channels=3).numpy()
