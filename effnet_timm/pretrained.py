@@ -63,8 +63,9 @@ def hub_repo_id(variant: str, tag: str) -> str:
     return f'{HUB_ORG}/{variant}.{tag}'
 
 
-def official_url(variant: str, tag: str) -> str:
-    return OFFICIAL_CKPT_ROOT + TAGS[tag].url_pattern.format(n=variant.rsplit('_', 1)[-1])
+def official_url(variant: str, tag: str, root: str = OFFICIAL_CKPT_ROOT) -> str:
+    """The official tarball of `variant.tag` under `root` (the bucket, or a mirror laid out like it)."""
+    return root + TAGS[tag].url_pattern.format(n=variant.rsplit('_', 1)[-1])
 
 
 def crop_pct_for(size: int) -> float:

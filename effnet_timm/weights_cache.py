@@ -29,7 +29,7 @@ from urllib.parse import unquote, urlparse
 
 from .errors import InputError, PretrainedWeightsError, first_line
 from .integrity import file_digests, verify_folder
-from .pretrained import OFFICIAL_CKPT_ROOT, TAGS
+from .pretrained import OFFICIAL_CKPT_ROOT, TAGS, official_url
 
 __all__ = ['CacheEntry', 'cache_root', 'cached_entry', 'ckpt_root', 'entry_dir', 'fill_entry', 'official_location',
            'resolve_pretrained_file']
@@ -76,7 +76,7 @@ def ckpt_root() -> str:
 def official_location(variant: str, tag: str) -> str:
     """URL or local path of the official tarball of `variant.tag` under `ckpt_root()`."""
     _check_known(variant, tag)
-    return ckpt_root() + TAGS[tag].url_pattern.format(n=variant.rsplit('_', 1)[-1])
+    return official_url(variant, tag, root=ckpt_root())
 
 
 def entry_dir(variant: str, tag: str, cache_dir=None) -> Path:
@@ -271,7 +271,8 @@ def _record(folder: Path, cache: Dict[str, object]) -> None:
     """Integrity records and, last, the cache record that makes the entry trusted."""
     config = _config(folder)
     block = config.setdefault('effnet_timm', {})
-    block.setdefault('files', file_digests(folder))
+    if 'files' not in block:  # the converter records them; hashing a large file twice is not free
+        block['files'] = file_digests(folder)
     block['cache'] = cache
     tmp = folder / 'config.json.tmp'
     tmp.write_text(json.dumps(config, indent=2) + '\n')

@@ -775,3 +775,13 @@ def test_full_disk_is_one_line_without_retries_and_frees_the_partial_file(bucket
     assert 'big.tar.gz.part' in str(err.value) and '\n' not in str(err.value)
     assert len(bucket.gets('/x/big.tar.gz')) == seen + 1  # not retried
     assert not (tmp_path / 'big.tar.gz.part').exists()
+
+
+def test_record_does_not_rehash_files_the_converter_recorded(tmp_path, monkeypatch):
+    from effnet_timm import weights_cache
+    (tmp_path / 'config.json').write_text(json.dumps({'effnet_timm': {'files': {'model.safetensors': {}}}}))
+    calls = []
+    monkeypatch.setattr(weights_cache, 'file_digests', lambda folder: calls.append(folder) or {})
+    weights_cache._record(tmp_path, dict(source='x'))
+    assert calls == []
+    assert json.loads((tmp_path / 'config.json').read_text())['effnet_timm']['cache'] == {'source': 'x'}
