@@ -97,9 +97,12 @@ class BatchNormRecompute2d(nn.BatchNorm2d):
 
 
 class SwishRecompute(nn.SiLU):
-    """`nn.SiLU` (Swish) whose output carries a recipe when its input does."""
+    """`nn.SiLU` (Swish) whose output carries a recipe when its input does.
 
-    def __init__(self, inplace: bool = True) -> None:
+    Not in place by default: the BatchNorm output it reads is what a forward hook on `bnN` was given and
+    may have kept."""
+
+    def __init__(self, inplace: bool = False) -> None:
         super().__init__(inplace=inplace)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -283,3 +283,20 @@ def test_fuse_keeps_dtype_and_device_and_matches_unfused(tiny_state, dtype, tol)
     scale = exact.abs().max()
     assert (got.double() - ref.double()).abs().max() <= tol * scale
     assert (got.double() - exact).abs().max() <= 2 * (ref.double() - exact).abs().max() + 1e-9 * scale
+
+
+def test_batchnorm_hook_output_is_not_overwritten_by_swish_under_no_grad(half_state):
+    """A hook that keeps `bn1`'s output (no clone) must still hold BatchNorm's values after the forward:
+    an in-place Swish under no_grad used to overwrite them with the Swish of them."""
+    ours, _ = _pair(half_state)
+    ours.eval()
+    kept = {}
+    ours.conv_stem.register_forward_hook(lambda m, i, o: kept.__setitem__('conv', o.clone()))
+    ours.bn1.register_forward_hook(lambda m, i, o: kept.__setitem__('bn', o))
+    with torch.no_grad():
+        ours(torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)))
+    bn = ours.bn1
+    expected = torch.nn.functional.batch_norm(
+        kept['conv'], bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+    assert expected.min() < -1.0  # below Swish's minimum (-0.28): an overwrite cannot pass unnoticed
+    torch.testing.assert_close(kept['bn'], expected, rtol=1e-5, atol=1e-5)
