@@ -462,9 +462,17 @@ def _write_atomic(path: Path, text: str) -> None:
         raise InputError(f'{path}: its folder does not exist')
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
     try:
+        # mkstemp makes the file 0600; a results file gets the mode open() would give it under the umask.
+        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, 'w', newline='') as f:
             f.write(text)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it is to set it
+    os.umask(mask)
+    return mask

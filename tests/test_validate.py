@@ -171,6 +171,17 @@ def test_results_csv_and_json_output(capsys, tmp_path, val_dir, converted_tiny):
     assert float(row['top5']) == printed['top5']
 
 
+@pytest.mark.parametrize('umask', [0o022, 0o002])
+def test_results_and_per_image_files_get_the_umask_mode(capsys, tmp_path, val_dir, converted_tiny, umask):
+    previous = os.umask(umask)
+    try:
+        _validate(capsys, tmp_path, val_dir, converted_tiny, '--limit', 1)
+    finally:
+        os.umask(previous)
+    files = [p for p in tmp_path.iterdir() if p.is_file()]
+    assert len(files) == 2 and {p.stat().st_mode & 0o777 for p in files} == {0o666 & ~umask}, files
+
+
 def test_worker_processes_and_limit(capsys, tmp_path, val_dir, converted_tiny):
     result, rows, _ = _validate(capsys, tmp_path, val_dir, converted_tiny, '--workers', 2, '--limit', 3)
     assert result['num_images'] == len(rows) - 1 == 3
