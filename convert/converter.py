@@ -310,7 +310,10 @@ def _make_parents(parent: Path) -> List[Path]:
     created = []
     try:
         for path in reversed(missing):
-            path.mkdir()
+            try:
+                path.mkdir()
+            except FileExistsError:  # another conversion made it meanwhile: use it, but it is not ours to remove
+                continue
             created.append(path)
         if not parent.is_dir():
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(parent))

@@ -20,6 +20,8 @@ from typing import NoReturn
 
 from tqdm import tqdm
 
+from effnet_timm.integrity import sha256_file
+
 from .errors import CheckpointError
 from .tf_bundle import TensorBundle, declared_data_size
 
@@ -64,15 +66,6 @@ def resolve_source(source: str, workdir: Path, expected_sha256: str | None = Non
     if path.is_dir():
         return _resolved(_checkpoint_in_dir(path), source, "directory")
     return _resolved(_prefix_of(path), source, "prefix")
-
-
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def download(url: str, workdir: Path, expected_sha256: str | None = None) -> tuple[Path, str]:

@@ -541,3 +541,21 @@ def test_push_refuses_a_folder_whose_weights_changed(tmp_path, converted_tiny):
     weights.write_bytes(bytes(data))
     with pytest.raises(InputError, match=r'model\.safetensors: sha256'):
         read_folder(folder)
+
+
+def test_parent_made_by_another_conversion_meanwhile_is_used_and_not_claimed(tmp_path, monkeypatch):
+    """Two conversions into new siblings under a missing parent: the one whose mkdir loses the race must go on
+    (and must not remove the parent, which is the other's)."""
+    import effnet_convert.converter as converter
+    parent = tmp_path / 'new' / 'deeper'
+    real_mkdir = Path.mkdir
+
+    def mkdir_after_the_other_process(self, *args, **kwargs):
+        if self == parent and not parent.exists():
+            real_mkdir(self)  # the other process wins the race for this folder
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, 'mkdir', mkdir_after_the_other_process)
+    created = converter._make_parents(parent)
+    assert parent.is_dir()
+    assert created == [tmp_path / 'new']
