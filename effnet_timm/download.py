@@ -23,7 +23,7 @@ from typing import Dict, Optional
 
 import crc32c
 
-from .errors import PretrainedWeightsError
+from .errors import InputError, PretrainedWeightsError
 
 __all__ = ['DownloadError', 'Downloaded', 'download', 'parse_goog_hash']
 
@@ -77,9 +77,41 @@ def download(url: str, dest: Path, progress: Optional[bool] = None, attempts: Op
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     part, meta_path = dest.with_name(dest.name + '.part'), dest.with_name(dest.name + '.part.json')
-    attempts = attempts or int(os.environ.get('EFFNET_TIMM_DOWNLOAD_ATTEMPTS') or ATTEMPTS)
+    attempts = attempts or _attempts_from_env()
     state = _PartState(part, meta_path)
     resumed = state.size > 0
+    requests = 0
+    # Killed after the last byte but before the rename: verify what is there instead of asking for nothing (416).
+    headers = state.complete(url)
+    if headers is not None:
+        try:
+            result = _verify(url, part, headers)
+        except DownloadError:
+            state.discard()
+            headers = None
+    if headers is None:
+        headers, result, requests = _fetch_with_retries(url, dest, state, progress, attempts, desc)
+    os.replace(part, dest)
+    meta_path.unlink(missing_ok=True)
+    return Downloaded(dest, result[0], result[1], result[2], headers.goog_hash, requests, resumed)
+
+
+def _attempts_from_env() -> int:
+    value = os.environ.get('EFFNET_TIMM_DOWNLOAD_ATTEMPTS', '').strip()
+    if not value:
+        return ATTEMPTS
+    try:
+        attempts = int(value)
+    except ValueError:
+        attempts = 0
+    if attempts < 1:
+        raise InputError(f'EFFNET_TIMM_DOWNLOAD_ATTEMPTS={value!r}: expected an integer >= 1')
+    return attempts
+
+
+def _fetch_with_retries(url: str, dest: Path, state: '_PartState', progress: Optional[bool], attempts: int,
+                        desc: Optional[str]):
+    """(headers, verified (size, sha256, md5), requests made) of a fresh or resumed download into the `.part`."""
     requests = 0
     last_reason = ''
     for attempt in range(attempts):
@@ -95,15 +127,12 @@ def download(url: str, dest: Path, progress: Optional[bool] = None, attempts: Op
             last_reason = str(err)
     else:
         raise DownloadError(f'cannot download {url}: {last_reason} (gave up after {attempts} attempts; '
-                            f'the partial file {part} is kept and resumed next time)')
+                            f'the partial file {state.part} is kept and resumed next time)')
     try:
-        result = _verify(url, part, headers)
+        return headers, _verify(url, state.part, headers), requests
     except DownloadError:
         state.discard()
         raise
-    os.replace(part, dest)
-    meta_path.unlink(missing_ok=True)
-    return Downloaded(dest, result[0], result[1], result[2], headers.goog_hash, requests, resumed)
 
 
 @dataclass
@@ -138,9 +167,19 @@ class _PartState:
         value = self.meta.get('etag') or self.meta.get('last_modified')
         return value if isinstance(value, str) and value else None
 
-    def start(self, url: str, etag: Optional[str], last_modified: Optional[str], total: int) -> None:
-        self.meta = dict(url=url, etag=etag, last_modified=last_modified, total=total)
+    def start(self, url: str, etag: Optional[str], last_modified: Optional[str], total: int,
+              goog_hash: Dict[str, str]) -> None:
+        # goog_hash too: a `.part` that is already complete is verified against it without asking again.
+        self.meta = dict(url=url, etag=etag, last_modified=last_modified, total=total, goog_hash=goog_hash)
         self.meta_path.write_text(json.dumps(self.meta))
+
+    def complete(self, url: str) -> Optional['_Headers']:
+        """The headers recorded for `url` when the `.part` already holds all its bytes, else None."""
+        total, goog_hash = self.meta.get('total'), self.meta.get('goog_hash')
+        if (self.meta.get('url') != url or not isinstance(total, int) or total <= 0 or self.size != total
+                or not isinstance(goog_hash, dict)):
+            return None
+        return _Headers(total, {k: v for k, v in goog_hash.items() if k in ('crc32c', 'md5') and isinstance(v, str)})
 
     def discard(self) -> None:
         self.part.unlink(missing_ok=True)
@@ -197,7 +236,8 @@ def _range_of(url: str, response, offset: int, state: _PartState):
     if length is None:  # a length is what tells a complete body from a dropped one
         raise DownloadError(f'cannot download {url}: the server sent no Content-Length')
     state.part.write_bytes(b'')
-    state.start(url, response.headers.get('ETag'), response.headers.get('Last-Modified'), int(length))
+    state.start(url, response.headers.get('ETag'), response.headers.get('Last-Modified'), int(length),
+                parse_goog_hash(response.headers.get_all('X-Goog-Hash')))
     return int(length), 0
 
 

@@ -785,3 +785,42 @@ def test_record_does_not_rehash_files_the_converter_recorded(tmp_path, monkeypat
     weights_cache._record(tmp_path, dict(source='x'))
     assert calls == []
     assert json.loads((tmp_path / 'config.json').read_text())['effnet_timm']['cache'] == {'source': 'x'}
+
+
+def test_complete_part_of_a_killed_download_is_verified_not_fetched_again(bucket, tmp_path, monkeypatch):
+    """Killed after the last byte was written, before verify and rename: the next call asks nothing (it used to
+    send `Range: bytes=<size>-`, get 416 and start over), and still checks the bytes against X-Goog-Hash."""
+    from effnet_timm import download as dl
+    data = os.urandom(200_000)
+    bucket.files['/x/complete.tar.gz'] = data
+    url, dest = f'{bucket.root}/x/complete.tar.gz', tmp_path / 'complete.tar.gz'
+
+    def killed(*args):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        m.setattr(dl, '_verify', killed)
+        with pytest.raises(KeyboardInterrupt):
+            download(url, dest, progress=False)
+    seen = len(bucket.gets('/x/complete.tar.gz'))
+    got = download(url, dest, progress=False)
+    assert got.path.read_bytes() == data and got.requests == 0 and set(got.goog_hash) == {'crc32c', 'md5'}
+    assert len(bucket.gets('/x/complete.tar.gz')) == seen
+    # A complete-length `.part` whose bytes do not match its recorded X-Goog-Hash is fetched again.
+    with monkeypatch.context() as m:
+        m.setattr(dl, '_verify', killed)
+        with pytest.raises(KeyboardInterrupt):
+            download(url, tmp_path / 'flipped.tar.gz', progress=False)
+    part = tmp_path / 'flipped.tar.gz.part'
+    part.write_bytes(bytes([data[0] ^ 1]) + data[1:])
+    got = download(url, tmp_path / 'flipped.tar.gz', progress=False)
+    assert got.path.read_bytes() == data and got.requests == 1
+
+
+@pytest.mark.parametrize('value', ['two', '0', '-1'])
+def test_bad_download_attempts_variable_is_one_line(bucket, tmp_path, monkeypatch, value):
+    from effnet_timm.errors import InputError
+    bucket.files['/x/attempts.tar.gz'] = b'x' * 1000
+    monkeypatch.setenv('EFFNET_TIMM_DOWNLOAD_ATTEMPTS', value)
+    with pytest.raises(InputError) as err:
+        download(f'{bucket.root}/x/attempts.tar.gz', tmp_path / 'a.tar.gz', progress=False)
+    assert f'EFFNET_TIMM_DOWNLOAD_ATTEMPTS={value!r}' in str(err.value) and '\n' not in str(err.value)
