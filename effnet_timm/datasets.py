@@ -34,7 +34,8 @@ from .errors import InputError, first_line
 __all__ = ['IMAGE_EXTENSIONS', 'GROUND_TRUTH_FILES', 'ImageSource', 'FileSource', 'TimmSource', 'EvalDataset',
            'open_imagenet_val', 'imagenet_synsets', 'read_ground_truth']
 
-IMAGE_EXTENSIONS = ('.jpeg', '.jpg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
+# The image files a folder contributes (case-insensitive), here and in `predict`: the formats decode_image reads.
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
 SYNSET = re.compile(r'n\d{8}')
 FLAT_NAME = re.compile(r'ILSVRC2012_val_(\d{8})\.[A-Za-z]+')
 # Searched for in DATA, then its parent, when --ground-truth is not given (first found wins).

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from timm.data import ImageNetInfo, create_transform, infer_imagenet_subset, resolve_data_config
 from timm.models import PretrainedCfg, split_model_name_tag
 
+from .datasets import IMAGE_EXTENSIONS
 from .errors import InputError, first_line
 from .integrity import verify_folder
 from .preprocessing import TfEvalTransform, create_tf_transform, decode_image
@@ -26,8 +27,6 @@ __all__ = ['CROPS', 'IMAGE_EXTENSIONS', 'image_files', 'read_images', 'load_mode
            'mean_std_name']
 
 CROPS = ('padding32', 'fraction')
-# What a folder given as IMAGE contributes (case-insensitive): the formats decode_image reads.
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
 ImageItem = Union[Path, Tuple[str, bytes]]
 MEAN_STD_NAMES = {
     ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)): 'imagenet',
@@ -236,7 +235,7 @@ def read_images(paths: Sequence[Path]) -> List[Tuple[str, bytes]]:
 
 def _tf_transform(data_config: Dict[str, Any], crop: str) -> TfEvalTransform:
     with warnings.catch_warnings():
-        # The crop is the user's explicit choice and the output states it; a config mismatch is expected.
+        # The crop is the user's explicit choice and the output (or report) states it; a config mismatch is expected.
         warnings.filterwarnings('ignore', message=r'crop=.* crops with crop_padding')
         return create_tf_transform(data_config, crop=crop)
 

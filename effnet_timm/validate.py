@@ -16,7 +16,6 @@ import os
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -29,8 +28,7 @@ from PIL import Image
 
 from .datasets import EvalDataset, ImageSource, open_imagenet_val
 from .errors import InputError
-from .predict import CROPS, load_model, mean_std_name
-from .preprocessing import TfEvalTransform, create_tf_transform
+from .predict import CROPS, _tf_transform, load_model, mean_std_name
 from .pretrained import TAGS
 
 __all__ = ['AMP_DTYPES', 'PREPROCESSINGS', 'DistInfo', 'Evaluation', 'ShardSampler', 'TimmEvalTransform',
@@ -157,13 +155,6 @@ def eval_transform(model: torch.nn.Module, preprocessing: str = 'tf', crop: str 
     data_config = dict(data_config, crop_pct=round(tf.crop_pct, 4))
     desc.update(crop_pct=data_config['crop_pct'], interpolation=data_config['interpolation'])
     return TimmEvalTransform(data_config), desc
-
-
-def _tf_transform(data_config: Dict[str, Any], crop: str) -> TfEvalTransform:
-    with warnings.catch_warnings():
-        # The crop is the user's explicit choice and the report states it; a config mismatch is expected.
-        warnings.filterwarnings('ignore', message=r'crop=.* crops with crop_padding')
-        return create_tf_transform(data_config, crop=crop)
 
 
 # ----------------------------------------------------------------------------- evaluation
