@@ -17,6 +17,7 @@ blocks; whoever takes the lock next clears the staging left behind and resumes t
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -103,6 +104,8 @@ def fill_entry(variant: str, tag: str, cache_dir=None, progress: Optional[bool] 
     from filelock import FileLock, Timeout
 
     _check_known(variant, tag)
+    if progress is None and _progress_bars_disabled():
+        progress = False
     root = cache_root(cache_dir)
     name = f'{variant}.{tag}'
     lock = FileLock(str(root / '.locks' / f'{name}.lock'))
@@ -121,11 +124,21 @@ def fill_entry(variant: str, tag: str, cache_dir=None, progress: Optional[bool] 
         if entry is not None:
             return entry
         started = time.perf_counter()
-        entry = _make_entry(variant, tag, root, progress)
+        try:
+            entry = _make_entry(variant, tag, root, progress)
+        except OSError as err:  # a full disk, a read-only folder: one line naming the path, not a traceback
+            raise PretrainedWeightsError(f'{err.filename or root / name}: cannot fill the weights cache '
+                                         f'({err.strerror or err})') from None
         entry.seconds, entry.fetched_now = time.perf_counter() - started, True
         return entry
     finally:
         lock.release()
+
+
+def _progress_bars_disabled() -> bool:
+    # The bar shows on a terminal only; HF_HUB_DISABLE_PROGRESS_BARS=1 silences it as it does the Hub's, for
+    # create_model and `effnet-timm download` alike (an explicit progress=True still shows it).
+    return os.environ.get('HF_HUB_DISABLE_PROGRESS_BARS', '').strip().lower() in ('1', 'true', 'yes', 'on')
 
 
 def resolve_pretrained_file(variant: str, tag: str, hf_hub_id: Optional[str] = None, cache_dir=None) -> Path:
@@ -149,9 +162,7 @@ def resolve_pretrained_file(variant: str, tag: str, hf_hub_id: Optional[str] = N
             f'`effnet-timm download {name}` where there is internet, or pass pretrained_cfg_overlay=dict(file=...) '
             f'with a file made by effnet-convert')
     try:
-        # The bar shows on a terminal only; HF_HUB_DISABLE_PROGRESS_BARS=1 silences it as it does the Hub's.
-        quiet = os.environ.get('HF_HUB_DISABLE_PROGRESS_BARS', '').strip().lower() in ('1', 'true', 'yes', 'on')
-        return fill_entry(variant, tag, cache_dir, progress=False if quiet else None).weights
+        return fill_entry(variant, tag, cache_dir).weights
     except PretrainedWeightsError as err:
         tried.append(f'official checkpoint: {first_line(err)}')
     raise PretrainedWeightsError(f'{name}: could not load pretrained weights; tried {"; ".join(tried)}')
@@ -216,34 +227,84 @@ def _offline() -> bool:
 def _make_entry(variant: str, tag: str, root: Path, progress: Optional[bool]) -> CacheEntry:
     name = f'{variant}.{tag}'
     work = root / '.tmp' / name
-    download_dir = work / 'download'  # survives a killed process: its `.part` is resumed
+    download_dir = work / 'download'  # survives a killed process: its `.part` is resumed, a verified tarball reused
     _clear_except(work, download_dir)
     location = official_location(variant, tag)
     local = _local_path(location)
     _logger.info('%s: not cached; fetching %s and converting it into %s', name, location, root / name)
     goog_hash: Dict[str, str] = {}
     if local is None:
-        from .download import download
-        got = download(location, download_dir / Path(urlparse(location).path).name, progress, desc=name)
-        tarball, sha256, size, goog_hash = got.path, got.sha256, got.size, got.goog_hash
+        tarball = download_dir / Path(urlparse(location).path).name
+        kept = _kept_download(tarball, location)
+        if kept is None:
+            from .download import download
+            got = download(location, tarball, progress, desc=name)
+            kept = dict(source=location, sha256=got.sha256, bytes=got.size, x_goog_hash=got.goog_hash)
+            _write_json(_sidecar(tarball), kept)
+        sha256, size, goog_hash = kept['sha256'], kept['bytes'], kept['x_goog_hash']
     else:
         if not local.is_file():
             raise PretrainedWeightsError(f'{location}: no such file (mirror {ENV_CKPT_ROOT}={ckpt_root()})')
         tarball, sha256, size = local, None, local.stat().st_size
+    # The downloaded tarball goes once converted, or once refused for its content; any other failure (Ctrl-C,
+    # a full disk while converting) keeps it for the next call, which reuses it after checking its sha256.
+    discard = False
     try:
-        staging = _convert(tarball, work / 'entry', variant, tag, location)
-        sha256 = _check_recorded_sha256(staging, tarball.name, sha256, location)
+        try:
+            staging = _convert(tarball, work / 'entry', variant, tag, location)
+            sha256 = _check_recorded_sha256(staging, tarball.name, sha256, location)
+        except PretrainedWeightsError:
+            discard = True
+            raise
         _record(staging, dict(source=location, tarball_sha256=sha256, tarball_bytes=size, x_goog_hash=goog_hash,
                               fetched=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())))
         final = root / name
         if final.exists():  # an untrusted leftover (damaged, or from an older layout): replaced, not reused
             final.rename(work / 'replaced')
         os.rename(staging, final)
+        discard = True
     finally:
-        if local is None:
-            tarball.unlink(missing_ok=True)  # converted or refused: either way the tarball is not kept
+        if local is None and discard:
+            tarball.unlink(missing_ok=True)
+            _sidecar(tarball).unlink(missing_ok=True)
         _clear_except(work, download_dir)
     return CacheEntry(name, final, location, sha256, size)
+
+
+def _sidecar(tarball: Path) -> Path:
+    # Written only after download() verified the tarball (length, X-Goog-Hash): what makes it reusable.
+    return tarball.with_name(tarball.name + '.verified.json')
+
+
+def _kept_download(tarball: Path, location: str) -> Optional[Dict[str, object]]:
+    """The record of a verified tarball that a killed or failed earlier fill left, if its bytes still match it."""
+    record_path = _sidecar(tarball)
+    try:
+        record = json.loads(record_path.read_text(encoding='utf-8'))
+        size = tarball.stat().st_size
+        if (isinstance(record, dict) and record.get('source') == location and record.get('bytes') == size
+                and isinstance(record.get('x_goog_hash'), dict) and record.get('sha256') == _sha256(tarball)):
+            _logger.info('%s: reusing the verified download %s', location, tarball)
+            return record
+    except (OSError, ValueError):
+        pass
+    record_path.unlink(missing_ok=True)  # bytes of unknown or changed content are fetched again
+    tarball.unlink(missing_ok=True)
+    return None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_json(path: Path, value: object) -> None:
+    tmp = path.with_name(path.name + '.tmp')
+    tmp.write_text(json.dumps(value) + '\n')
+    os.replace(tmp, path)
 
 
 def _convert(tarball: Path, out: Path, variant: str, tag: str, location: str) -> Path:

@@ -824,3 +824,69 @@ def test_bad_download_attempts_variable_is_one_line(bucket, tmp_path, monkeypatc
     with pytest.raises(InputError) as err:
         download(f'{bucket.root}/x/attempts.tar.gz', tmp_path / 'a.tar.gz', progress=False)
     assert f'EFFNET_TIMM_DOWNLOAD_ATTEMPTS={value!r}' in str(err.value) and '\n' not in str(err.value)
+
+
+def test_full_disk_while_filling_is_one_line_the_batch_goes_on_and_the_tarball_is_reused(cli_env, bucket, official,
+                                                                                         capsys, monkeypatch):
+    """An OSError after the download (here: writing the cache record) is one line naming the path, the other
+    entries of `effnet-timm download` still fill, and the verified tarball is kept: the next call converts it
+    without fetching it again."""
+    import errno
+    from effnet_timm import weights_cache
+    from effnet_timm_cli import main
+    record = weights_cache._record
+    failing = tmp_config = None
+
+    def full_disk(folder, cache):
+        nonlocal failing, tmp_config
+        if failing is None:
+            failing = True
+            tmp_config = folder / 'config.json.tmp'
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_config))
+        return record(folder, cache)
+    monkeypatch.setattr(weights_cache, '_record', full_disk)
+    seen = len(bucket.gets(AA))
+    assert main(['download', NAME, 'effnet_v1_b0.in1k', '--no-progress']) == 2
+    captured = capsys.readouterr()
+    assert [(r[1], r[4]) for r in _table(captured.out)] == [
+        ('aa_in1k', 'FAILED'), ('in1k', f'{bucket.root}/ckpts/efficientnet-b0.tar.gz')]
+    err, = captured.err.strip().splitlines()
+    assert err.startswith('effnet-timm: error: ') and str(tmp_config) in err and 'No space left' in err, err
+    assert _untrusted(cli_env) and not _untrusted(cli_env, 'effnet_v1_b0', 'in1k')
+    assert main(['download', NAME, '--no-progress']) == 0
+    assert len(bucket.gets(AA)) == seen + 1 and not _untrusted(cli_env)  # converted from the kept tarball
+    assert not list((cli_env / '.tmp' / NAME / 'download').iterdir())  # and then not kept
+
+
+def test_kept_tarball_that_changed_on_disk_is_fetched_again(cli_env, bucket, official, monkeypatch):
+    from effnet_timm import weights_cache
+    download_dir = cli_env / '.tmp' / NAME / 'download'
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        m.setattr(weights_cache, '_convert', interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            weights_cache.fill_entry('effnet_v1_b0', 'aa_in1k', progress=False)
+    tarball = download_dir / 'efficientnet-b0.tar.gz'
+    data = bytearray(tarball.read_bytes())
+    assert bytes(data) == official[1]  # kept after Ctrl-C
+    data[len(data) // 2] ^= 1
+    tarball.write_bytes(bytes(data))
+    seen = len(bucket.gets(AA))
+    entry = weights_cache.fill_entry('effnet_v1_b0', 'aa_in1k', progress=False)
+    assert len(bucket.gets(AA)) == seen + 1 and entry.fetched_now and not _untrusted(cli_env)
+
+
+def test_download_command_honours_hf_hub_disable_progress_bars(cli_env, bucket, monkeypatch):
+    from effnet_timm import download as dl
+    from effnet_timm_cli import main
+    asked = []
+
+    def fake_download(url, dest, progress=None, **kwargs):
+        asked.append(progress)
+        raise dl.DownloadError(f'cannot download {url}: stopped by the test')
+    monkeypatch.setattr(dl, 'download', fake_download)
+    monkeypatch.setenv('HF_HUB_DISABLE_PROGRESS_BARS', '1')
+    assert main(['download', NAME]) == 2
+    assert asked == [False]
