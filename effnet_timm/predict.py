@@ -5,6 +5,7 @@ import dataclasses
 import importlib.util
 import io
 import json
+import math
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -24,7 +25,7 @@ from .preprocessing import TfEvalTransform, create_tf_transform, decode_image
 from .pretrained import TAGS, pretrained_cfg
 
 __all__ = ['CROPS', 'IMAGE_EXTENSIONS', 'image_files', 'read_images', 'load_model', 'predict', 'format_predictions', 'split_known_name', 'known_tags',
-           'mean_std_name']
+           'mean_std_name', 'timm_aligned_config']
 
 CROPS = ('padding32', 'fraction')
 ImageItem = Union[Path, Tuple[str, bytes]]
@@ -240,6 +241,20 @@ def _tf_transform(data_config: Dict[str, Any], crop: str) -> TfEvalTransform:
         return create_tf_transform(data_config, crop=crop)
 
 
+def timm_aligned_config(data_config: Dict[str, Any], transform: TfEvalTransform) -> Dict[str, Any]:
+    """``data_config`` with the crop_pct (4 decimals) for which timm's eval transform resizes to the
+    ``image_size + crop_padding`` that ``transform`` crops with, so that comparing the two isolates the
+    resize and decoder differences from the crop convention. Rounding size/(size + padding) to nearest can
+    land a pixel short in timm's ``floor(size / crop_pct)`` (e.g. 0.9494 at 600 gives 631, not 632)."""
+    size, target = transform.image_size, transform.image_size + transform.crop_padding
+    k = size * 10000 // target  # size / target cut to 4 decimals, in exact integer arithmetic
+    while math.floor(size / (k / 10000)) < target:  # float division may still fall short
+        k -= 1
+    if math.floor(size / (k / 10000)) != target:
+        raise ValueError(f'no 4-decimal crop_pct makes timm resize {size} px to {target} px')
+    return dict(data_config, crop_pct=k / 10000)
+
+
 def _tf_input(transform: TfEvalTransform, data: bytes) -> torch.Tensor:
     try:
         rgb = decode_image(data)
@@ -309,6 +324,8 @@ def predict(
     ``top``, and the others are still classified; ``failed`` counts those entries."""
     data_config = resolve_data_config({}, model=model)
     tf_transform = _tf_transform(data_config, crop)
+    if compare_timm:  # timm's transform with the same crop, so that the comparison shows resize and decoder
+        data_config = timm_aligned_config(data_config, tf_transform)
     timm_transform = create_transform(**data_config) if compare_timm else None
     labels = _class_names(model)
     results = []

@@ -28,7 +28,7 @@ from PIL import Image
 
 from .datasets import EvalDataset, ImageSource, open_imagenet_val
 from .errors import InputError
-from .predict import CROPS, _tf_transform, load_model, mean_std_name
+from .predict import CROPS, _tf_transform, load_model, mean_std_name, timm_aligned_config
 from .pretrained import TAGS
 
 __all__ = ['AMP_DTYPES', 'PREPROCESSINGS', 'DistInfo', 'Evaluation', 'ShardSampler', 'TimmEvalTransform',
@@ -151,8 +151,8 @@ def eval_transform(model: torch.nn.Module, preprocessing: str = 'tf', crop: str 
     if preprocessing == 'tf':
         desc.update(crop_pct=round(tf.crop_pct, 4), crop_padding=tf.crop_padding)
         return tf, desc
-    # timm's transform crops by crop_pct: the same crop convention, as close as timm's rounding allows.
-    data_config = dict(data_config, crop_pct=round(tf.crop_pct, 4))
+    # timm's transform crops by crop_pct: the same crop convention (resize to size + padding, then crop).
+    data_config = timm_aligned_config(data_config, tf)
     desc.update(crop_pct=data_config['crop_pct'], interpolation=data_config['interpolation'])
     return TimmEvalTransform(data_config), desc
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -144,6 +145,33 @@ def test_compare_timm_json_matches_timm_run_directly(capsys, tiny_dir):
         probs = model(transform(img.convert('RGB'))[None]).softmax(-1)[0]
     assert [row['index'] for row in reported['top']] == probs.topk(5).indices.tolist()
     assert reported['max_abs_diff'] > reported['mean_abs_diff'] > 0
+
+
+def test_compare_timm_uses_the_official_crop(capsys, tiny_dir):
+    # --crop fraction pads 14 px at 96 where the model's crop_pct (0.75) means 32: timm must crop like TF.
+    code, out, err = _cli(capsys, 'predict', PHOTOS[0], '--weights', tiny_dir, '--compare-timm-preprocessing',
+                          '--crop', 'fraction', '--json')
+    assert code == 0, err
+    result = json.loads(out)
+    pre, reported = result['preprocessing'], result['images'][0]['timm_preprocessing']
+    assert pre['crop_padding'] == 14 and math.floor(96 / pre['timm_crop_pct']) == 96 + 14
+    model = timm.create_model(f'local-dir:{tiny_dir}', pretrained=True).eval()
+    transform = timm.data.create_transform(**timm.data.resolve_data_config({'crop_pct': 0.87}, model=model))  # 96 / 0.87: 110
+    from PIL import Image
+    with Image.open(PHOTOS[0]) as img, torch.inference_mode():
+        probs = model(transform(img.convert('RGB'))[None]).softmax(-1)[0]
+    assert [row['index'] for row in reported['top']] == probs.topk(5).indices.tolist()
+
+
+@pytest.mark.parametrize('size', [96, 224, 240, 260, 300, 380, 456, 528, 600, 800])
+@pytest.mark.parametrize('crop', ['padding32', 'fraction'])
+def test_timm_aligned_crop_pct_resizes_to_the_official_size(size, crop):
+    from effnet_timm.predict import timm_aligned_config
+    from effnet_timm.preprocessing import TfEvalTransform, tf_crop_padding
+
+    padding = tf_crop_padding(size, crop)
+    crop_pct = timm_aligned_config({}, TfEvalTransform(size, padding, None, None))['crop_pct']
+    assert crop_pct == round(crop_pct, 4) and math.floor(size / crop_pct) == size + padding  # timm's scale_size
 
 
 @pytest.mark.parametrize('case', ['missing image', 'empty folder', 'unknown model', 'folder of another model'])
