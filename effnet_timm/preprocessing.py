@@ -281,7 +281,9 @@ _RESIZE_BAND = 32
 @functools.lru_cache(maxsize=64)
 def _resize_bands(in_size: int, out_size: int) -> tuple[tuple[int, int, int, int, torch.Tensor], ...]:
     """``(out_start, out_stop, in_start, in_stop, weights)`` blocks of :func:`bicubic_resize_weights`: outside
-    ``in_start:in_stop`` a block's weights are exactly zero, so leaving them out drops only zero products."""
+    ``in_start:in_stop`` a block's weights are exactly zero, so leaving them out drops only zero products. The
+    remaining sums run in another order than the dense product's (matmul blocks by the band's width), so the
+    result equals the dense one up to float32 rounding (a few ulp), not bit for bit."""
     weights = bicubic_resize_weights(in_size, out_size)
     index, _ = bicubic_resize_taps(in_size, out_size)
     bands = []
@@ -293,8 +295,8 @@ def _resize_bands(in_size: int, out_size: int) -> tuple[tuple[int, int, int, int
 
 
 def _resize_bicubic_tf1_hwc(image: torch.Tensor, size: int) -> torch.Tensor:
-    """:func:`resize_bicubic_tf1` of one HWC image, returned CHW: the same products and sums (tested against TF),
-    done as banded matrix products on contiguous rows. A DataLoader worker's crop of a photo is 300-600 px; the
+    """:func:`resize_bicubic_tf1` of one HWC image, returned CHW: its nonzero products, summed in another order
+    (see :func:`_resize_bands`; tested against TF), done as banded matrix products on contiguous rows. A DataLoader worker's crop of a photo is 300-600 px; the
     dense product there spends most of its time multiplying zero weights."""
     height, width, channels = image.shape
     x = image.reshape(height, width * channels).float()

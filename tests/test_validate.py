@@ -325,7 +325,9 @@ def test_worker_resize_matches_tf_crop_and_resize(tf, hw, size):
     assert got.shape == (3, size, size) and got.dtype == torch.float32
     assert np.abs(got.numpy() - expected).max() <= 1e-3
     dense = resize_bicubic_tf1(torch.from_numpy(crop[0]).permute(2, 0, 1), size)
-    assert torch.equal(got, dense) or (got - dense).abs().max() <= 1e-4
+    # The same nonzero products, summed in another order (matmul blocking follows the band width): equal up to
+    # float32 rounding (measured: up to 4 ulp of the largest value), never bit-equality in general.
+    assert (got - dense).abs().max() <= 8 * torch.finfo(torch.float32).eps * dense.abs().max()
 
 
 def test_worker_resize_keeps_float32_under_another_default_dtype():
