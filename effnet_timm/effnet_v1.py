@@ -13,7 +13,7 @@ from timm.models import resolve_pretrained_cfg
 from timm.models._builder import _resolve_pretrained_source
 
 from .config import VARIANTS
-from .errors import PretrainedWeightsError
+from .errors import PretrainedWeightsError, first_line
 from .integrity import verify_folder
 from .model import EffNetV1
 from .pretrained import TAGS, default_cfg_table, pretrained_cfg
@@ -69,19 +69,19 @@ def create_effnet_v1(variant: str, pretrained: bool = False, **kwargs: Any) -> E
         raise PretrainedWeightsError(
             f'{name}: no pretrained weights are defined; pick a tag ({", ".join(_tags_of(variant)) or "none"}) '
             f'or pass pretrained_cfg_overlay=dict(file=...) with a file made by effnet-convert')
+    if cfg.source == 'local-dir' and cfg.file:
+        # Before reading the weights: a flipped byte loads strictly, a truncated file fails inside safetensors;
+        # the size and sha256 recorded at conversion tell both in one line.
+        verify_folder(Path(cfg.file))
     try:
         model = build_model_with_cfg(EffNetV1, variant, pretrained, **kwargs)
     except (OSError, ValueError, ConnectionError) as err:
         if not _is_download_error(err):
             raise
         raise PretrainedWeightsError(
-            f'{name}: could not load pretrained weights from {source}: {_first_line(err)}. '
+            f'{name}: could not load pretrained weights from {source}: {first_line(err)}. '
             f'Convert an official checkpoint with `effnet-convert` and load it with '
             f'pretrained_cfg_overlay=dict(file=...)') from None
-    if cfg.source == 'local-dir' and cfg.file:
-        # After the strict load (whose errors name the tensor): a flipped byte loads strictly, the sha256
-        # recorded at conversion tells.
-        verify_folder(Path(cfg.file))
     return model
 
 
@@ -94,11 +94,6 @@ def _is_download_error(err: BaseException) -> bool:
             'RevisionNotFoundError', 'HfHubHTTPError', 'OfflineModeIsEnabled')
         if hasattr(hub_errors, n))
     return isinstance(err, hub_types) or isinstance(err, (FileNotFoundError, ConnectionError))
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip() or err.__class__.__name__
-    return text.splitlines()[0].rstrip('.')
 
 
 def _tags_of(variant: str) -> list:
