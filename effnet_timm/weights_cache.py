@@ -17,6 +17,7 @@ blocks; whoever takes the lock next clears the staging left behind and resumes t
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import logging
@@ -253,6 +254,8 @@ def _make_entry(variant: str, tag: str, root: Path, progress: Optional[bool]) ->
         try:
             staging = _convert(tarball, work / 'entry', variant, tag, location)
             sha256 = _check_recorded_sha256(staging, tarball.name, sha256, location)
+        except _NotTheTarballsFault:
+            raise
         except PretrainedWeightsError:
             discard = True
             raise
@@ -314,8 +317,18 @@ def _convert(tarball: Path, out: Path, variant: str, tag: str, location: str) ->
         # variant= makes the converter refuse a tarball that holds another architecture.
         convert(str(tarball), out, variant=variant, tag=tag)
     except (CheckpointError, InputError) as err:
-        raise PretrainedWeightsError(f'{location}: {_strip_paths(first_line(err), tarball, out)}') from None
+        message = f'{location}: {_strip_paths(first_line(err), tarball, out)}'
+        # The converter reports a full disk while unpacking or writing as a CheckpointError too (raised from
+        # None: the OSError stays its __context__); that is no fault of the tarball, which is then kept.
+        cause = err.__context__
+        if isinstance(cause, OSError) and not isinstance(cause, (FileNotFoundError, gzip.BadGzipFile)):
+            raise _NotTheTarballsFault(message) from None
+        raise PretrainedWeightsError(message) from None
     return out
+
+
+class _NotTheTarballsFault(PretrainedWeightsError):
+    """The conversion failed for a reason outside the tarball (disk full, read-only): the tarball is kept."""
 
 
 def _check_recorded_sha256(folder: Path, tarball_name: str, sha256: Optional[str], location: str) -> str:

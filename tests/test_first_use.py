@@ -890,3 +890,28 @@ def test_download_command_honours_hf_hub_disable_progress_bars(cli_env, bucket, 
     monkeypatch.setenv('HF_HUB_DISABLE_PROGRESS_BARS', '1')
     assert main(['download', NAME]) == 2
     assert asked == [False]
+
+
+def test_full_disk_while_converting_keeps_the_downloaded_tarball(cli_env, bucket, official, monkeypatch):
+    """The converter reports a full disk as a CheckpointError like a bad tarball; the tarball is still kept."""
+    import resource
+    from effnet_timm import weights_cache
+    from effnet_timm.errors import PretrainedWeightsError
+    tarball = cli_env / '.tmp' / NAME / 'download' / 'efficientnet-b0.tar.gz'
+    seen = len(bucket.gets(AA))
+    with monkeypatch.context() as m:  # download it, as a killed earlier fill would have
+        m.setattr(weights_cache, '_convert', lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            weights_cache.fill_entry('effnet_v1_b0', 'aa_in1k', progress=False)
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, limits[1]))
+    try:
+        with pytest.raises(PretrainedWeightsError, match='File too large') as err:
+            weights_cache.fill_entry('effnet_v1_b0', 'aa_in1k', progress=False)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, previous)
+    assert '\n' not in str(err.value) and tarball.read_bytes() == official[1]
+    entry = weights_cache.fill_entry('effnet_v1_b0', 'aa_in1k', progress=False)
+    assert len(bucket.gets(AA)) == seen + 1 and entry.fetched_now and not _untrusted(cli_env)
