@@ -9,7 +9,10 @@ import re
 import shlex
 import subprocess
 import sys
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Dict

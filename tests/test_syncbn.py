@@ -100,5 +100,6 @@ def test_converted_model_trains_with_plain_autograd_gradients(b0, converter):
 def test_timm_tf_efficientnet_weights_load_strictly():
     theirs = timm.create_model('tf_efficientnet_b0')
     ours = timm.create_model('effnet_v1_b0')
-    assert ours.load_state_dict(theirs.state_dict(), strict=True)
+    result = ours.load_state_dict(theirs.state_dict(), strict=True)  # raises on any missing/unexpected key
+    assert not result.missing_keys and not result.unexpected_keys
     assert list(ours.state_dict()) == list(theirs.state_dict())
