@@ -8,7 +8,10 @@ Cache layout (root: `EFFNET_TIMM_CACHE`, else `$XDG_CACHE_HOME/effnet_timm`, els
 
     <root>/effnet_v1_b0.aa_in1k/{model.safetensors,config.json,README.md}   one entry per family and variant
     <root>/.locks/effnet_v1_b0.aa_in1k.lock                                  held while an entry is made
-    <root>/.tmp/effnet_v1_b0.aa_in1k/                                        download (.part) and staging
+    <root>/.tmp/effnet_v1_b0.aa_in1k/                                        download and staging
+
+The download folder keeps the resumable `.part`, and a verified tarball whose conversion failed for a reason
+other than its content (reused after its sha256 is checked against the `.verified.json` written beside it).
 
 An entry appears by one `os.rename` of a complete folder, and is trusted only when its config.json carries the
 `effnet_timm.cache` record (written last, before the rename) and the sizes + sha256 recorded for its files match
