@@ -8,7 +8,7 @@ weights (plain autograd, TF padding of its own), or PyTorch itself.
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict
 
 import pytest
 import timm
