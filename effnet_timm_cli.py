@@ -4,16 +4,18 @@ This module imports nothing heavy at the top (no torch, timm or effnet_timm): `-
 instant. Each command is an arguments function (what argparse needs) and a runner that imports its library module
 when the command actually runs. Add a command by writing both and listing it in `COMMANDS`.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Dict, NamedTuple, Optional, Sequence
+from typing import NamedTuple
 
 PROG = 'effnet-timm'
-CROPS = ('padding32', 'fraction')  # effnet_timm.preprocessing's crop modes (kept here so --help needs no import)
+CROPS = ('padding32', 'fraction')  # effnet_timm.data.preprocessing's crop modes (kept here so --help needs no import)
 
 
 class Command(NamedTuple):
@@ -36,39 +38,61 @@ def positive_int(text: str) -> int:
 # ----------------------------------------------------------------------------- predict
 
 
-IMAGE_EXTENSIONS = '.jpg .jpeg .png .bmp .gif .webp .tif .tiff'  # effnet_timm.predict.IMAGE_EXTENSIONS, for --help
+IMAGE_EXTENSIONS = (
+    '.jpg .jpeg .png .bmp .gif .webp .tif .tiff'  # effnet_timm.commands.predict.IMAGE_EXTENSIONS, for --help
+)
 PREDICT_EPILOG = (
     'Exit status: 0 when every image was classified; 1 when some image could not be read or decoded (it is '
-    'reported in the output with its error, and the others are still classified); 2 for bad arguments or weights.')
+    'reported in the output with its error, and the others are still classified); 2 for bad arguments or weights.'
+)
 
 
 def _predict_arguments(p: argparse.ArgumentParser) -> None:
     p.epilog = PREDICT_EPILOG
-    p.add_argument('images', nargs='+', type=Path, metavar='IMAGE',
-                   help=f'JPEG, PNG, ... files, or folders (their {IMAGE_EXTENSIONS} files, sorted by name)')
+    p.add_argument(
+        'images',
+        nargs='+',
+        type=Path,
+        metavar='IMAGE',
+        help=f'JPEG, PNG, ... files, or folders (their {IMAGE_EXTENSIONS} files, sorted by name)',
+    )
     p.add_argument('--model', help='effnet_v1_bN[.tag] (optional with weights made by effnet-convert: they record it)')
-    p.add_argument('--weights', type=Path, metavar='FILE|DIR',
-                   help='a folder written by effnet-convert, or a model.safetensors file; its recorded '
-                        'architecture, tag and preprocessing are used. Default: the pretrained weights of --model')
+    p.add_argument(
+        '--weights',
+        type=Path,
+        metavar='FILE|DIR',
+        help='a folder written by effnet-convert, or a model.safetensors file; its recorded '
+        'architecture, tag and preprocessing are used. Default: the pretrained weights of --model',
+    )
     p.add_argument('--topk', type=positive_int, default=5, metavar='K', help='classes shown per image (default 5)')
-    p.add_argument('--crop', choices=CROPS, default='padding32',
-                   help='centre crop: 32 px padding as behind the published accuracies (default), or the '
-                        'current official code\'s 0.875 fraction')
-    p.add_argument('--compare-timm-preprocessing', action='store_true',
-                   help="also run timm's own eval transform (PIL) and report how inputs and top-k differ")
+    p.add_argument(
+        '--crop',
+        choices=CROPS,
+        default='padding32',
+        help='centre crop: 32 px padding as behind the published accuracies (default), or the '
+        "current official code's 0.875 fraction",
+    )
+    p.add_argument(
+        '--compare-timm-preprocessing',
+        action='store_true',
+        help="also run timm's own eval transform (PIL) and report how inputs and top-k differ",
+    )
     p.add_argument('--json', action='store_true', help='machine-readable output')
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    from effnet_timm.predict import format_predictions, image_files, load_model, predict
+    from effnet_timm.commands.predict import format_predictions, image_files, load_model, predict
 
     images = image_files(args.images)  # before the model is built: a mistyped path fails at once
     model = load_model(args.model, args.weights)
     result = predict(model, images, args.topk, args.crop, args.compare_timm_preprocessing)
     print(json.dumps(result, indent=2) if args.json else format_predictions(result))
     if result['failed']:
-        print(f"{PROG}: {result['failed']} of {len(result['images'])} images could not be classified "
-              f"(their errors are in the output)", file=sys.stderr)
+        print(
+            f'{PROG}: {result["failed"]} of {len(result["images"])} images could not be classified '
+            f'(their errors are in the output)',
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -84,7 +108,7 @@ def _info_arguments(p: argparse.ArgumentParser) -> None:
 def _run_info(args: argparse.Namespace) -> int:
     import timm
 
-    from effnet_timm.info import format_info, variant_info
+    from effnet_timm.commands.info import format_info, variant_info
 
     names = [args.model] if args.model else timm.list_models('effnet_v1*')
     rows = [variant_info(name) for name in names]
@@ -98,9 +122,13 @@ def _run_info(args: argparse.Namespace) -> int:
 def _run_arguments(p: argparse.ArgumentParser) -> None:
     # One REMAINDER positional for SCRIPT and its arguments: with SCRIPT a positional of its own, argparse
     # would eat a `--` right after it, which `python SCRIPT -- ...` passes on.
-    p.add_argument('argv', nargs=argparse.REMAINDER, metavar='SCRIPT [ARGS ...]',
-                   help="a Python script (e.g. timm's train.py or validate.py) and its own arguments, "
-                        "passed as sys.argv[1:] (options included)")
+    p.add_argument(
+        'argv',
+        nargs=argparse.REMAINDER,
+        metavar='SCRIPT [ARGS ...]',
+        help="a Python script (e.g. timm's train.py or validate.py) and its own arguments, "
+        'passed as sys.argv[1:] (options included)',
+    )
 
 
 def _run_run(args: argparse.Namespace) -> int:
@@ -108,7 +136,7 @@ def _run_run(args: argparse.Namespace) -> int:
     if not argv:
         print(f'{PROG} run: error: the following arguments are required: SCRIPT', file=sys.stderr)
         return 2
-    from effnet_timm.scripts import run_script
+    from effnet_timm.commands.scripts import run_script
 
     return run_script(argv[0], argv[1:])
 
@@ -117,55 +145,103 @@ def _run_run(args: argparse.Namespace) -> int:
 
 
 def _validate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument('data', type=Path, metavar='DATA',
-                   help='ImageNet-val: a folder of synset folders (n01440764/...), a flat folder of '
-                        'ILSVRC2012_val_*.JPEG with its ground-truth file, or what --dataset names')
+    p.add_argument(
+        'data',
+        type=Path,
+        metavar='DATA',
+        help='ImageNet-val: a folder of synset folders (n01440764/...), a flat folder of '
+        'ILSVRC2012_val_*.JPEG with its ground-truth file, or what --dataset names',
+    )
     p.add_argument('--model', help='effnet_v1_bN[.tag] (optional with a --weights folder: read from its config.json)')
-    p.add_argument('--weights', type=Path, metavar='FILE|DIR',
-                   help='a folder written by effnet-convert, or a model.safetensors file (needs --model); '
-                        'default: the pretrained weights of the --model tag')
-    p.add_argument('--dataset', default='', metavar='NAME',
-                   help="read DATA with timm's create_dataset (map-style: a folder or .tar, hfds/NAME)")
-    p.add_argument('--ground-truth', type=Path, metavar='FILE',
-                   help='labels of a flat folder: LOC_val_solution.csv, the devkit\'s '
-                        'ILSVRC2012_validation_ground_truth.txt (with meta.mat beside it) or one synset per line '
-                        '(default: looked for in DATA and beside it)')
+    p.add_argument(
+        '--weights',
+        type=Path,
+        metavar='FILE|DIR',
+        help='a folder written by effnet-convert, or a model.safetensors file (needs --model); '
+        'default: the pretrained weights of the --model tag',
+    )
+    p.add_argument(
+        '--dataset',
+        default='',
+        metavar='NAME',
+        help="read DATA with timm's create_dataset (map-style: a folder or .tar, hfds/NAME)",
+    )
+    p.add_argument(
+        '--ground-truth',
+        type=Path,
+        metavar='FILE',
+        help="labels of a flat folder: LOC_val_solution.csv, the devkit's "
+        'ILSVRC2012_validation_ground_truth.txt (with meta.mat beside it) or one synset per line '
+        '(default: looked for in DATA and beside it)',
+    )
     p.add_argument('--batch-size', type=positive_int, default=64, metavar='N', help='per process (default 64)')
-    p.add_argument('--workers', type=int, default=4, metavar='N',
-                   help='DataLoader worker processes decoding and preprocessing (default 4; 0: in the main process)')
-    p.add_argument('--crop', choices=CROPS, default='padding32',
-                   help='centre crop: 32 px padding as behind the published accuracies (default), or the '
-                        'current official code\'s 0.875 fraction')
-    p.add_argument('--preprocessing', choices=('tf', 'timm'), default='tf',
-                   help="the official TF pipeline (default) or timm's own eval transform, for comparison")
+    p.add_argument(
+        '--workers',
+        type=int,
+        default=4,
+        metavar='N',
+        help='DataLoader worker processes decoding and preprocessing (default 4; 0: in the main process)',
+    )
+    p.add_argument(
+        '--crop',
+        choices=CROPS,
+        default='padding32',
+        help='centre crop: 32 px padding as behind the published accuracies (default), or the '
+        "current official code's 0.875 fraction",
+    )
+    p.add_argument(
+        '--preprocessing',
+        choices=('tf', 'timm'),
+        default='tf',
+        help="the official TF pipeline (default) or timm's own eval transform, for comparison",
+    )
     p.add_argument('--amp', choices=('bf16', 'fp16'), help='autocast the forward to this dtype')
     p.add_argument('--channels-last', action='store_true', help='channels_last memory format')
     p.add_argument('--fuse', action='store_true', help='fold BatchNorm into the convs (effnet_timm.fuse)')
     p.add_argument('--limit', type=positive_int, metavar='N', help='only the first N images')
     p.add_argument('--device', help="torch device (default: 'cuda' if available, one GPU per torchrun rank; else cpu)")
-    p.add_argument('--skip-bad', action='store_true',
-                   help='count and list undecodable images instead of stopping at the first')
-    p.add_argument('--results-file', type=Path, metavar='PATH.json|.csv',
-                   help="timm's result keys (model, top1, top1_err, top5, top5_err, param_count, img_size, "
-                        'crop_pct, interpolation) and num_images')
+    p.add_argument(
+        '--skip-bad', action='store_true', help='count and list undecodable images instead of stopping at the first'
+    )
+    p.add_argument(
+        '--results-file',
+        type=Path,
+        metavar='PATH.json|.csv',
+        help="timm's result keys (model, top1, top1_err, top5, top5_err, param_count, img_size, "
+        'crop_pct, interpolation) and num_images',
+    )
     p.add_argument('--per-image', type=Path, metavar='PATH.csv', help='path, label and top-5 classes of every image')
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
     p.add_argument('--json', action='store_true', help='print the whole result as JSON')
 
 
 def _run_validate(args: argparse.Namespace) -> int:
-    from effnet_timm.validate import check_output_path, format_result, validate, write_per_image, write_results
+    from effnet_timm.commands.validate import check_output_path, format_result, validate, write_per_image, write_results
 
     check_output_path(args.results_file, ('.json', '.csv'), '--results-file')
     check_output_path(args.per_image, ('.csv',), '--per-image')
     if args.workers < 0:
         from effnet_timm.errors import InputError
+
         raise InputError(f'--workers must be >= 0, got {args.workers}')
     result = validate(
-        args.data, args.model, args.weights, dataset=args.dataset, ground_truth=args.ground_truth,
-        batch_size=args.batch_size, workers=args.workers, crop=args.crop, preprocessing=args.preprocessing,
-        amp=args.amp, channels_last=args.channels_last, fuse=args.fuse, limit=args.limit, device=args.device,
-        skip_bad=args.skip_bad, progress=not args.no_progress)
+        args.data,
+        args.model,
+        args.weights,
+        dataset=args.dataset,
+        ground_truth=args.ground_truth,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        crop=args.crop,
+        preprocessing=args.preprocessing,
+        amp=args.amp,
+        channels_last=args.channels_last,
+        fuse=args.fuse,
+        limit=args.limit,
+        device=args.device,
+        skip_bad=args.skip_bad,
+        progress=not args.no_progress,
+    )
     if result is None:  # a torchrun rank other than 0: rank 0 reports
         return 0
     if args.results_file:
@@ -180,18 +256,29 @@ def _run_validate(args: argparse.Namespace) -> int:
 
 
 def _download_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument('models', nargs='*', metavar='MODEL[.TAG]',
-                   help='e.g. effnet_v1_b0.aa_in1k; a bare effnet_v1_bN takes --tag, else its default tag')
-    p.add_argument('--tag', metavar='TAG', help='the family of the bare names (in1k, aa_in1k, ra_in1k, ap_in1k, '
-                                                'ns_jft_in1k, ns_jft_in1k_475); alone: every model of that family')
+    p.add_argument(
+        'models',
+        nargs='*',
+        metavar='MODEL[.TAG]',
+        help='e.g. effnet_v1_b0.aa_in1k; a bare effnet_v1_bN takes --tag, else its default tag',
+    )
+    p.add_argument(
+        '--tag',
+        metavar='TAG',
+        help='the family of the bare names (in1k, aa_in1k, ra_in1k, ap_in1k, '
+        'ns_jft_in1k, ns_jft_in1k_475); alone: every model of that family',
+    )
     p.add_argument('--all', action='store_true', help='every official checkpoint (with --tag: of that family)')
-    p.add_argument('--no-progress', action='store_true',
-                   help='no progress bar (there is none either when stderr is not a terminal)')
+    p.add_argument(
+        '--no-progress',
+        action='store_true',
+        help='no progress bar (there is none either when stderr is not a terminal)',
+    )
     p.add_argument('--json', action='store_true', help='machine-readable output')
 
 
 def _run_download(args: argparse.Namespace) -> int:
-    from effnet_timm.prefetch import format_rows, prefetch, rows_as_json, select_names
+    from effnet_timm.weights.prefetch import format_rows, prefetch, rows_as_json, select_names
 
     rows = prefetch(select_names(args.models, args.tag, args.all), progress=False if args.no_progress else None)
     print(json.dumps(rows_as_json(rows), indent=2) if args.json else format_rows(rows))
@@ -204,24 +291,34 @@ def _run_download(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- the command table
 
 
-COMMANDS: Dict[str, Command] = {
-    'predict': Command('top-k ImageNet classes of photos, with the official eval preprocessing',
-                       _predict_arguments, _run_predict),
-    'info': Command('parameters, GMACs, preprocessing and pretrained tags of the variants',
-                    _info_arguments, _run_info),
-    'validate': Command('ImageNet-val accuracy with the official preprocessing, in one process or under torchrun',
-                        _validate_arguments, _run_validate),
-    'run': Command("run a Python script (timm's train.py, validate.py, ...) with the effnet_v1_* models registered",
-                   _run_arguments, _run_run),
-    'download': Command('fetch official checkpoints, convert them and fill the weights cache (for offline use later)',
-                        _download_arguments, _run_download),
+COMMANDS: dict[str, Command] = {
+    'predict': Command(
+        'top-k ImageNet classes of photos, with the official eval preprocessing', _predict_arguments, _run_predict
+    ),
+    'info': Command('parameters, GMACs, preprocessing and pretrained tags of the variants', _info_arguments, _run_info),
+    'validate': Command(
+        'ImageNet-val accuracy with the official preprocessing, in one process or under torchrun',
+        _validate_arguments,
+        _run_validate,
+    ),
+    'run': Command(
+        "run a Python script (timm's train.py, validate.py, ...) with the effnet_v1_* models registered",
+        _run_arguments,
+        _run_run,
+    ),
+    'download': Command(
+        'fetch official checkpoints, convert them and fill the weights cache (for offline use later)',
+        _download_arguments,
+        _run_download,
+    ),
 }
 
 
 def parser() -> argparse.ArgumentParser:
     """The argument parser of every command (builds without importing torch)."""
     root = argparse.ArgumentParser(
-        prog=PROG, description='Official TensorFlow EfficientNet V1 in timm: ' + ', '.join(COMMANDS) + '.')
+        prog=PROG, description='Official TensorFlow EfficientNet V1 in timm: ' + ', '.join(COMMANDS) + '.'
+    )
     commands = root.add_subparsers(dest='command', required=True, metavar='COMMAND')
     for name, command in COMMANDS.items():
         sub = commands.add_parser(name, help=command.help, description=command.help[0].upper() + command.help[1:])
@@ -236,10 +333,11 @@ def _user_error(err: BaseException) -> bool:
         return False
     from effnet_convert.errors import CheckpointError
     from effnet_timm.errors import InputError, PretrainedWeightsError
+
     return isinstance(err, (InputError, PretrainedWeightsError, CheckpointError))
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.run(args)
@@ -250,6 +348,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not _user_error(err):
             raise
         from effnet_timm.errors import first_line
+
         print(f'{PROG}: error: {first_line(err)}', file=sys.stderr)
         return 2
 

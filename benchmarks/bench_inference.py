@@ -20,6 +20,7 @@ Threads default to 1: on a shared 2-core machine two OpenMP threads wait on each
 other core is busy, which measured 4-5x slower and far noisier than one thread.
 Inductor (`--inductor`, B0 only) compiles B0 in ~2 minutes per model on such a machine, so it is opt-in.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,15 +31,15 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional
 
 import timm
 import torch
 import torchvision
 
 import effnet_timm  # noqa: F401  (registers effnet_v1_*)
-from effnet_timm.fusion import fuse
+from effnet_timm.models.fusion import fuse
 
 VARIANTS = (('b0', 8, 224), ('b3', 2, 300))  # (variant, batch, size)
 TRAIN = ('b0', 8, 224)
@@ -55,14 +56,14 @@ class Row:
     precision: str
     batch: int
     size: int
-    times: List[float] = field(default_factory=list)
-    img_s: float = 0.
-    ratio_to_timm_tf: Optional[float] = None
-    max_abs_dlogit: Optional[float] = None
-    reference_max_abs_logit: float = 0.
+    times: list[float] = field(default_factory=list)
+    img_s: float = 0.0
+    ratio_to_timm_tf: float | None = None
+    max_abs_dlogit: float | None = None
+    reference_max_abs_logit: float = 0.0
 
 
-def _names(variant: str) -> Dict[str, str]:
+def _names(variant: str) -> dict[str, str]:
     return {
         'ours': f'effnet_v1_{variant}',
         'timm_tf': f'tf_efficientnet_{variant}',
@@ -82,11 +83,11 @@ def _trained_like_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
                 m.running_mean.normal_(0, 0.1, generator=g)
                 m.running_var.uniform_(0.5, 2.0, generator=g)
             elif isinstance(m, torch.nn.Linear):
-                m.weight.normal_(0, 3 / m.in_features ** 0.5, generator=g)
+                m.weight.normal_(0, 3 / m.in_features**0.5, generator=g)
     return model
 
 
-def _models(variant: str) -> Dict[str, torch.nn.Module]:
+def _models(variant: str) -> dict[str, torch.nn.Module]:
     names = _names(variant)
     ours = _trained_like_(timm.create_model(names['ours'])).eval()
     models = {'ours': ours}
@@ -113,13 +114,13 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_inference(repeats: int, inductor: bool, device: torch.device, precisions: List[str]) -> List[Row]:
-    rows: List[Row] = []
+def bench_inference(repeats: int, inductor: bool, device: torch.device, precisions: list[str]) -> list[Row]:
+    rows: list[Row] = []
     for variant, batch, size in VARIANTS:
         models = {k: m.to(device) for k, m in _models(variant).items()}
         x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1)).to(device)
         x_cl = x.contiguous(memory_format=CHANNELS_LAST)
-        runs: Dict[tuple, tuple] = {}
+        runs: dict[tuple, tuple] = {}
         for key, model in models.items():
             runs[(key, 'eager NCHW')] = (model, x)
             runs[(key, 'eager channels_last')] = (_channels_last_copy(model), x_cl)
@@ -132,8 +133,14 @@ def bench_inference(repeats: int, inductor: bool, device: torch.device, precisio
 
 
 def _time_interleaved(
-        variant: str, batch: int, size: int, runs: Dict[tuple, tuple], repeats: int, device: torch.device,
-        precisions: List[str]) -> List[Row]:
+    variant: str,
+    batch: int,
+    size: int,
+    runs: dict[tuple, tuple],
+    repeats: int,
+    device: torch.device,
+    precisions: list[str],
+) -> list[Row]:
     names = _names(variant)
     cases = {(key, precision): run for key, run in runs.items() for precision in precisions}
     rows = {(key, p): Row(variant, names[key[0]], key[1], p, batch, size) for key, p in cases}
@@ -169,7 +176,7 @@ def _time_interleaved(
 
 # --- training step, one fresh process per model ------------------------------------------------------
 
-TRAIN_CHILD = r'''
+TRAIN_CHILD = r"""
 import json, re, statistics, sys, time
 import torch, timm
 import effnet_timm
@@ -217,10 +224,10 @@ for step in range(STEPS):
 steps_peak = memory()[1]
 print(json.dumps(dict(step_s=statistics.median(times[1:]), process_peak=max(setup_peak, steps_peak),
                       setup_rss=setup, step_peak=steps_peak - setup)))
-'''
+"""
 
 
-def bench_training(threads: int, device: torch.device, precisions: List[str]) -> List[dict]:
+def bench_training(threads: int, device: torch.device, precisions: list[str]) -> list[dict]:
     """On CPU each config runs under glibc's default malloc (what users get: freed heap memory stays
     resident, so RSS overstates live tensors) and with a 128 KiB mmap threshold (every tensor is its own
     mapping, returned on free: RSS follows live tensors); step time is taken from the default-malloc runs.
@@ -237,11 +244,33 @@ def bench_training(threads: int, device: torch.device, precisions: List[str]) ->
     for malloc, env, precision in memories:
         for key, option in configs:
             out = subprocess.run(
-                [sys.executable, '-c', TRAIN_CHILD, names[key], str(batch), str(size), str(threads), option,
-                 str(device), precision],
-                capture_output=True, text=True, check=True, env=dict(os.environ, **env))
-            rows.append(dict(model=names[key], option=option, malloc=malloc, batch=batch, size=size,
-                             **json.loads(out.stdout.strip().splitlines()[-1])))
+                [
+                    sys.executable,
+                    '-c',
+                    TRAIN_CHILD,
+                    names[key],
+                    str(batch),
+                    str(size),
+                    str(threads),
+                    option,
+                    str(device),
+                    precision,
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+                env=dict(os.environ, **env),
+            )
+            rows.append(
+                dict(
+                    model=names[key],
+                    option=option,
+                    malloc=malloc,
+                    batch=batch,
+                    size=size,
+                    **json.loads(out.stdout.strip().splitlines()[-1]),
+                )
+            )
     for r in rows:
         ref = next(t for t in rows if t['model'] == names['timm_tf'] and t['malloc'] == r['malloc'])
         r['step_ratio'] = r['step_s'] / ref['step_s']
@@ -252,7 +281,7 @@ def bench_training(threads: int, device: torch.device, precisions: List[str]) ->
 
 # --- compile time, one fresh process per model --------------------------------------------------------
 
-COMPILE_CHILD = r'''
+COMPILE_CHILD = r"""
 import json, sys, time
 import torch, timm
 import effnet_timm
@@ -264,17 +293,20 @@ for size in sizes:
     with torch.inference_mode():
         compiled(torch.randn(1, 3, size, size))
     print(json.dumps(dict(size=size, seconds=time.perf_counter() - start)), flush=True)
-'''
+"""
 
 
-def bench_compile(threads: int) -> List[dict]:
+def bench_compile(threads: int) -> list[dict]:
     rows = []
     for key, name in list(_names('b0').items())[:3]:
         try:
             out = subprocess.run(
                 [sys.executable, '-c', COMPILE_CHILD, name, ','.join(map(str, COMPILE_SIZES))],
-                capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S,
-                env=_env_with_threads(threads))
+                capture_output=True,
+                text=True,
+                timeout=COMPILE_TIMEOUT_S,
+                env=_env_with_threads(threads),
+            )
             stdout = out.stdout
         except subprocess.TimeoutExpired as err:
             stdout = err.stdout.decode() if isinstance(err.stdout, bytes) else (err.stdout or '')
@@ -289,53 +321,77 @@ def _env_with_threads(threads: int) -> dict:
 
 # --- printing ---------------------------------------------------------------------------------------
 
-def _fmt(value: Optional[float], spec: str, missing: str = 'n/a') -> str:
+
+def _fmt(value: float | None, spec: str, missing: str = 'n/a') -> str:
     return missing if value is None else format(value, spec)
 
 
-def print_tables(inference: List[Row], training: List[dict], compile_rows: List[dict], threads: int,
-                 device: torch.device) -> None:
-    print(f'torch {torch.__version__}, timm {timm.__version__}, torchvision {torchvision.__version__}, '
-          f'{threads} thread(s), {device}\n')
-    print(f'{"variant":7} {"model":34} {"mode":24} {"prec":>4} {"batch":>5} {"size":>4} {"img/s":>7} '
-          f'{"vs tf_":>7} {"max|dlogit|":>11}')
+def print_tables(
+    inference: list[Row], training: list[dict], compile_rows: list[dict], threads: int, device: torch.device
+) -> None:
+    print(
+        f'torch {torch.__version__}, timm {timm.__version__}, torchvision {torchvision.__version__}, '
+        f'{threads} thread(s), {device}\n'
+    )
+    print(
+        f'{"variant":7} {"model":34} {"mode":24} {"prec":>4} {"batch":>5} {"size":>4} {"img/s":>7} '
+        f'{"vs tf_":>7} {"max|dlogit|":>11}'
+    )
     scales = {r.variant: r.reference_max_abs_logit for r in inference}
-    print('max |dlogit| is to our eager NCHW logits, whose max |logit| is '
-          + ', '.join(f'{v:.1f} ({k})' for k, v in scales.items()))
+    print(
+        'max |dlogit| is to our eager NCHW logits, whose max |logit| is '
+        + ', '.join(f'{v:.1f} ({k})' for k, v in scales.items())
+    )
     for r in inference:
-        print(f'{r.variant:7} {r.model:34} {r.mode:24} {r.precision:>4} {r.batch:5d} {r.size:4d} {r.img_s:7.2f} '
-              f'{_fmt(r.ratio_to_timm_tf, "7.3f")} {_fmt(r.max_abs_dlogit, "11.2e")}')
+        print(
+            f'{r.variant:7} {r.model:34} {r.mode:24} {r.precision:>4} {r.batch:5d} {r.size:4d} {r.img_s:7.2f} '
+            f'{_fmt(r.ratio_to_timm_tf, "7.3f")} {_fmt(r.max_abs_dlogit, "11.2e")}'
+        )
     variant, batch, size = TRAIN
     print(f'\nTraining step ({variant}, batch {batch}, {size} px, forward + backward + SGD)')
     if device.type == 'cuda':
-        print('(process peak: max_memory_allocated, model and optimizer included; step peak: the steps\' peak '
-              'above the memory allocated before them)')
+        print(
+            "(process peak: max_memory_allocated, model and optimizer included; step peak: the steps' peak "
+            'above the memory allocated before them)'
+        )
     else:
-        print('(process peak: peak RSS of the whole subprocess, imports and set-up included; '
-              'step peak: peak RSS of the steps above the RSS before them; step time from default malloc)')
-    print(f'{"model":24} {"option":15} {"memory":12} {"step s":>7} {"vs tf_":>7} {"process peak MB":>15} '
-          f'{"vs tf_":>7} {"step peak MB":>12} {"vs tf_":>7}')
+        print(
+            '(process peak: peak RSS of the whole subprocess, imports and set-up included; '
+            'step peak: peak RSS of the steps above the RSS before them; step time from default malloc)'
+        )
+    print(
+        f'{"model":24} {"option":15} {"memory":12} {"step s":>7} {"vs tf_":>7} {"process peak MB":>15} '
+        f'{"vs tf_":>7} {"step peak MB":>12} {"vs tf_":>7}'
+    )
     for r in training:
         step = f'{r["step_s"]:7.2f} {r["step_ratio"]:7.3f}' if 'mmap' not in r['malloc'] else f'{"-":>7} {"-":>7}'
-        print(f'{r["model"]:24} {r["option"]:15} {r["malloc"]:12} {step} '
-              f'{r["process_peak"] / 2**20:15.0f} {r["process_peak_ratio"]:7.3f} '
-              f'{r["step_peak"] / 2**20:12.0f} {r["step_peak_ratio"]:7.3f}')
+        print(
+            f'{r["model"]:24} {r["option"]:15} {r["malloc"]:12} {step} '
+            f'{r["process_peak"] / 2**20:15.0f} {r["process_peak_ratio"]:7.3f} '
+            f'{r["step_peak"] / 2**20:12.0f} {r["step_peak_ratio"]:7.3f}'
+        )
     print(f'\ntorch.compile(fullgraph=True, backend="eager") time, batch 1 (limit {COMPILE_TIMEOUT_S} s per model)')
     print(f'{"model":24} ' + ' '.join(f'{f"{s} px s":>9}' for s in COMPILE_SIZES))
     for r in compile_rows:
-        print(f'{r["model"]:24} ' + ' '.join(
-            f'{_fmt(r[f"{s}px_s"], "9.1f", missing=f">{COMPILE_TIMEOUT_S}s".rjust(9))}' for s in COMPILE_SIZES))
+        print(
+            f'{r["model"]:24} '
+            + ' '.join(
+                f'{_fmt(r[f"{s}px_s"], "9.1f", missing=f">{COMPILE_TIMEOUT_S}s".rjust(9))}' for s in COMPILE_SIZES
+            )
+        )
 
 
-def main(argv: Optional[List[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--json', action='store_true', help='print one JSON document instead of tables')
     parser.add_argument('--threads', type=int, default=1)
     parser.add_argument('--repeats', type=int, default=8, help='timed runs per model and mode')
     parser.add_argument('--inductor', action='store_true', help='add torch.compile (inductor) rows (slow)')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    parser.add_argument('--precisions', help='comma-separated: fp32, and bf16 / fp16 autocast '
-                        '(default: fp32 on CPU, fp32,bf16,fp16 on CUDA)')
+    parser.add_argument(
+        '--precisions',
+        help='comma-separated: fp32, and bf16 / fp16 autocast (default: fp32 on CPU, fp32,bf16,fp16 on CUDA)',
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     precisions = (args.precisions or ('fp32,bf16,fp16' if device.type == 'cuda' else 'fp32')).split(',')
@@ -348,8 +404,18 @@ def main(argv: Optional[List[str]] = None) -> None:
     training = bench_training(args.threads, device, precisions)
     compile_rows = bench_compile(args.threads)
     if args.json:
-        print(json.dumps(dict(threads=args.threads, device=str(device), inference=[asdict(r) for r in inference],
-                              training=training, compile=compile_rows), indent=1))
+        print(
+            json.dumps(
+                dict(
+                    threads=args.threads,
+                    device=str(device),
+                    inference=[asdict(r) for r in inference],
+                    training=training,
+                    compile=compile_rows,
+                ),
+                indent=1,
+            )
+        )
     else:
         print_tables(inference, training, compile_rows, args.threads, device)
         print(f'\n({time.perf_counter() - start:.0f} s)')

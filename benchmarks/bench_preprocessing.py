@@ -14,6 +14,7 @@ The three are interleaved over `--repeats` rounds on the same images; the median
 ratio is to timm's in the same run. Default images: the sample photos (300-640 px JPEGs, ImageNet-like sizes);
 `--images DIR` takes your own (e.g. some ImageNet-val JPEGs).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,21 +24,26 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Dict, List
 
 import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 
-from effnet_timm import preprocessing as pp
+from effnet_timm.data import preprocessing as pp
 
-SAMPLES = Path(__file__).resolve().parents[1] / 'convert' / 'samples'
+SAMPLES = Path(__file__).resolve().parents[1] / 'convert' / 'effnet_convert' / 'samples'
 
 
-def _transforms(size: int) -> Dict[str, Callable[[bytes], torch.Tensor]]:
-    cfg = dict(input_size=(3, size, size), crop_pct=size / (size + 32), interpolation='bicubic',
-               mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+def _transforms(size: int) -> dict[str, Callable[[bytes], torch.Tensor]]:
+    cfg = dict(
+        input_size=(3, size, size),
+        crop_pct=size / (size + 32),
+        interpolation='bicubic',
+        mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD,
+    )
     ours = pp.create_tf_transform(cfg, crop='padding32')
     ours_pillow = pp.create_tf_transform(cfg, crop='padding32', decoder='pillow')
     timm_transform = create_transform(**cfg)
@@ -49,17 +55,21 @@ def _transforms(size: int) -> Dict[str, Callable[[bytes], torch.Tensor]]:
     def ours_dense(data: bytes) -> torch.Tensor:  # the dense-matrix resize the banded one replaced
         rgb = pp.decode_image(data)
         top, left, side, _ = ours.crop_window(rgb.shape[0], rgb.shape[1])
-        x = pp.resize_bicubic_tf1(rgb[top:top + side, left:left + side].permute(2, 0, 1), size)
+        x = pp.resize_bicubic_tf1(rgb[top : top + side, left : left + side].permute(2, 0, 1), size)
         return pp.normalize_0_255(x, ours.mean, ours.std)
 
-    rows = {'effnet_timm': ours, 'effnet_timm (Pillow decode)': ours_pillow,
-            'effnet_timm, dense-matrix resize': ours_dense, 'timm': timm_eval}
+    rows = {
+        'effnet_timm': ours,
+        'effnet_timm (Pillow decode)': ours_pillow,
+        'effnet_timm, dense-matrix resize': ours_dense,
+        'timm': timm_eval,
+    }
     if pp.simplejpeg is None:
         del rows['effnet_timm']  # 'auto' would be Pillow: the row would be mislabelled
     return rows
 
 
-def _round(fn: Callable[[bytes], torch.Tensor], images: List[bytes], min_s: float) -> float:
+def _round(fn: Callable[[bytes], torch.Tensor], images: list[bytes], min_s: float) -> float:
     """Images/s over whole passes through the images, at least min_s long."""
     n, start = 0, time.perf_counter()
     while True:
@@ -71,22 +81,30 @@ def _round(fn: Callable[[bytes], torch.Tensor], images: List[bytes], min_s: floa
             return n / elapsed
 
 
-def bench(images: List[bytes], sizes: List[int], repeats: int, min_s: float) -> List[dict]:
+def bench(images: list[bytes], sizes: list[int], repeats: int, min_s: float) -> list[dict]:
     results = []
     for size in sizes:
         fns = _transforms(size)
         for fn in fns.values():  # warm-up: caches (resize weights), first-call allocations
             for data in images:
                 fn(data)
-        rounds: Dict[str, List[float]] = {name: [] for name in fns}
+        rounds: dict[str, list[float]] = {name: [] for name in fns}
         for _ in range(repeats):
             for name, fn in fns.items():  # interleaved: load changes on a shared machine hit every row alike
                 rounds[name].append(_round(fn, images, min_s))
         timm_rate = statistics.median(rounds['timm'])
         for name, rates in rounds.items():
             rate = statistics.median(rates)
-            results.append(dict(size=size, pipeline=name, img_s=round(rate, 1), ratio_to_timm=round(rate / timm_rate, 2),
-                                min_img_s=round(min(rates), 1), max_img_s=round(max(rates), 1)))
+            results.append(
+                dict(
+                    size=size,
+                    pipeline=name,
+                    img_s=round(rate, 1),
+                    ratio_to_timm=round(rate / timm_rate, 2),
+                    min_img_s=round(min(rates), 1),
+                    max_img_s=round(max(rates), 1),
+                )
+            )
     return results
 
 
@@ -109,15 +127,19 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
-    print(f'{len(images)} JPEGs from {args.images} ({min(min(d) for d in dims)}-{max(max(d) for d in dims)} px), '
-          f'1 thread, torch {torch.__version__}, simplejpeg {"yes" if pp.simplejpeg else "no"}, '
-          f'{os.cpu_count()} CPUs, median of {args.repeats} interleaved rounds')
+    print(
+        f'{len(images)} JPEGs from {args.images} ({min(min(d) for d in dims)}-{max(max(d) for d in dims)} px), '
+        f'1 thread, torch {torch.__version__}, simplejpeg {"yes" if pp.simplejpeg else "no"}, '
+        f'{os.cpu_count()} CPUs, median of {args.repeats} interleaved rounds'
+    )
     print()
     print('| size | pipeline (one worker, JPEG bytes -> normalized tensor) | img/s | vs timm | min-max img/s |')
     print('|-----:|-----------------------------------------------------|------:|--------:|--------------:|')
     for r in results:
-        print(f"| {r['size']} | {r['pipeline']} | {r['img_s']} | {r['ratio_to_timm']:.2f} | "
-              f"{r['min_img_s']}-{r['max_img_s']} |")
+        print(
+            f'| {r["size"]} | {r["pipeline"]} | {r["img_s"]} | {r["ratio_to_timm"]:.2f} | '
+            f'{r["min_img_s"]}-{r["max_img_s"]} |'
+        )
     return 0
 
 

@@ -9,6 +9,7 @@ cache, load), a later one (cache hit: the entry's sha256 is checked), and the pe
 same file named explicitly (`pretrained_cfg_overlay=dict(file=...)`, no resolver), plus `effnet-timm download` alone.
 Imports (seconds of timm/torch, the same for every row) are not counted.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,7 +28,7 @@ sys.path.insert(0, str(REPO / 'tests'))
 B0 = REPO.parent / 'shared' / 'fixtures' / 'official' / 'efficientnet-b0'
 NAME = 'effnet_v1_b0.aa_in1k'
 
-CHILD = r'''
+CHILD = r"""
 import json, sys, time
 t0 = time.perf_counter()
 import timm, effnet_timm
@@ -36,7 +37,7 @@ kwargs = dict(pretrained_cfg_overlay=dict(file=sys.argv[1])) if sys.argv[1] else
 model = timm.create_model('effnet_v1_b0.aa_in1k', pretrained=True, **kwargs)
 t2 = time.perf_counter()
 print(json.dumps(dict(import_s=t1 - t0, create_s=t2 - t1)))
-'''
+"""
 
 
 def _tarball() -> bytes:
@@ -54,8 +55,14 @@ def _child(env: dict, file: str = '') -> dict:
 
 def _download(env: dict) -> float:
     """The fill time `effnet-timm download` reports (download + convert + cache; its imports not counted)."""
-    proc = subprocess.run([sys.executable, '-m', 'effnet_timm_cli', 'download', NAME, '--no-progress', '--json'],
-                          env=env, cwd=REPO, capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, '-m', 'effnet_timm_cli', 'download', NAME, '--no-progress', '--json'],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(proc.stdout)[0]['seconds']
 
 
@@ -66,14 +73,20 @@ def main() -> None:
     args = parser.parse_args()
     from bucket_server import BucketServer
     from hub_server import HubServer
+
     data = _tarball()
-    rows = {'first create_model (download + convert + load)': [], 'later create_model (cache hit)': [],
-            'create_model from the same file named explicitly': [], 'effnet-timm download (its seconds column)': []}
+    rows = {
+        'first create_model (download + convert + load)': [],
+        'later create_model (cache hit)': [],
+        'create_model from the same file named explicitly': [],
+        'effnet-timm download (its seconds column)': [],
+    }
     with BucketServer() as bucket, HubServer('unused') as hub, tempfile.TemporaryDirectory() as tmp:
         bucket.files['/ckptsaug/efficientnet-b0.tar.gz'] = data
         env = {k: v for k, v in os.environ.items() if not k.startswith(('HF_', 'EFFNET_TIMM_'))}
-        env.update(HF_ENDPOINT=hub.endpoint, HF_HOME=f'{tmp}/hf', EFFNET_TIMM_CKPT_ROOT=bucket.root,
-                   OMP_NUM_THREADS='1')
+        env.update(
+            HF_ENDPOINT=hub.endpoint, HF_HOME=f'{tmp}/hf', EFFNET_TIMM_CKPT_ROOT=bucket.root, OMP_NUM_THREADS='1'
+        )
         for i in range(args.repeats):
             env['EFFNET_TIMM_CACHE'] = f'{tmp}/cache-{i}'
             rows['first create_model (download + convert + load)'].append(_child(env)['create_s'])

@@ -2,12 +2,34 @@
 
 Importing this package registers `effnet_v1_b0` … `effnet_v1_b8`, `effnet_v1_l2` and `effnet_v1`
 with timm, so `timm.create_model('effnet_v1_b0', ...)` works afterwards.
+
+Layout (one concern per folder; dependencies run downwards only):
+    models/    the network (architecture table, TF-exact layers, blocks, EffNetV1, memory-lean training, fusion)
+    weights/   where weights come from (tag table, first-use cache, downloads, integrity records)
+    effnet_v1  timm's registry entries, binding the network to its weights
+    data/      images in (TF-exact eval preprocessing, ImageNet-val layouts)
+    commands/  what the effnet-timm commands do, as library functions
 """
-from .config import VARIANTS, BlockConfig, block_table, round_filters, round_repeats
+
 from .effnet_v1 import create_effnet_v1
 from .errors import InputError, PretrainedWeightsError
-from .fusion import fuse
-from .model import EffNetV1
-from .pretrained import HUB_ORG, TAGS
+from .models.config import VARIANTS, BlockConfig, block_table, round_filters, round_repeats
+from .models.efficientnet import EffNetV1
+from .models.fusion import fuse
+from .weights.tags import HUB_ORG, TAGS
 
+__all__ = [
+    'HUB_ORG',
+    'TAGS',
+    'VARIANTS',
+    'BlockConfig',
+    'EffNetV1',
+    'InputError',
+    'PretrainedWeightsError',
+    'block_table',
+    'create_effnet_v1',
+    'fuse',
+    'round_filters',
+    'round_repeats',
+]
 __version__ = '0.1.0'

@@ -3,29 +3,31 @@
 timm names the registry module after this file (`effnet_v1`), so it must not share a name with a timm
 module, and it reads `default_cfgs` while the entrypoints are being decorated: keep it above them.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models import resolve_pretrained_cfg
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
 from timm.models._builder import _resolve_pretrained_source
 
-from .config import VARIANTS
 from .errors import PretrainedWeightsError, first_line
-from .integrity import verify_folder
-from .model import EffNetV1
-from .pretrained import TAGS, default_cfg_table, pretrained_cfg
-from .weights_cache import resolve_pretrained_file
+from .models.config import VARIANTS
+from .models.efficientnet import EffNetV1
+from .weights.cache import resolve_pretrained_file
+from .weights.integrity import verify_folder
+from .weights.tags import TAGS, default_cfg_table, pretrained_cfg
 
 __all__ = ['PretrainedWeightsError', 'create_effnet_v1']
 
-default_cfgs = generate_default_cfgs({
-    **default_cfg_table(),
-    # Architecture only (no official weights): any width/depth, e.g. a scaled-down official checkpoint.
-    'effnet_v1': pretrained_cfg('effnet_v1'),
-})
+default_cfgs = generate_default_cfgs(
+    {
+        **default_cfg_table(),
+        # Architecture only (no official weights): any width/depth, e.g. a scaled-down official checkpoint.
+        'effnet_v1': pretrained_cfg('effnet_v1'),
+    }
+)
 
 
 def _weights_source(cfg) -> str:
@@ -39,8 +41,12 @@ def _weights_source(cfg) -> str:
 def _explicit_source(cfg, overlay) -> bool:
     """A file, state dict, folder (`local-dir:`) or Hub repo (`hf-hub:`, an overlaid id/url) the user named."""
     overlay = overlay or {}
-    return bool(cfg.state_dict is not None or cfg.file or cfg.source in ('hf-hub', 'local-dir')
-                or any(overlay.get(k) for k in ('file', 'state_dict', 'url', 'hf_hub_id')))
+    return bool(
+        cfg.state_dict is not None
+        or cfg.file
+        or cfg.source in ('hf-hub', 'local-dir')
+        or any(overlay.get(k) for k in ('file', 'state_dict', 'url', 'hf_hub_id'))
+    )
 
 
 def _official_tag(variant: str, tag) -> bool:
@@ -68,7 +74,8 @@ def create_effnet_v1(variant: str, pretrained: bool = False, **kwargs: Any) -> E
     if not source:
         raise PretrainedWeightsError(
             f'{name}: no pretrained weights are defined; pick a tag ({", ".join(_tags_of(variant)) or "none"}) '
-            f'or pass pretrained_cfg_overlay=dict(file=...) with a file made by effnet-convert')
+            f'or pass pretrained_cfg_overlay=dict(file=...) with a file made by effnet-convert'
+        )
     if cfg.source == 'local-dir' and cfg.file:
         # Before reading the weights: a flipped byte loads strictly, a truncated file fails inside safetensors;
         # the size and sha256 recorded at conversion tell both in one line.
@@ -81,31 +88,39 @@ def create_effnet_v1(variant: str, pretrained: bool = False, **kwargs: Any) -> E
         raise PretrainedWeightsError(
             f'{name}: could not load pretrained weights from {source}: {first_line(err)}. '
             f'Convert an official checkpoint with `effnet-convert` and load it with '
-            f'pretrained_cfg_overlay=dict(file=...)') from None
+            f'pretrained_cfg_overlay=dict(file=...)'
+        ) from None
     return model
 
 
 def _is_download_error(err: BaseException) -> bool:
     # huggingface_hub's lookup/download errors and a missing local file; not model/state-dict bugs.
     from huggingface_hub import errors as hub_errors
+
     hub_types = tuple(
-        getattr(hub_errors, n) for n in (
-            'EntryNotFoundError', 'LocalEntryNotFoundError', 'RepositoryNotFoundError',
-            'RevisionNotFoundError', 'HfHubHTTPError', 'OfflineModeIsEnabled')
-        if hasattr(hub_errors, n))
+        getattr(hub_errors, n)
+        for n in (
+            'EntryNotFoundError',
+            'LocalEntryNotFoundError',
+            'RepositoryNotFoundError',
+            'RevisionNotFoundError',
+            'HfHubHTTPError',
+            'OfflineModeIsEnabled',
+        )
+        if hasattr(hub_errors, n)
+    )
     return isinstance(err, hub_types) or isinstance(err, (FileNotFoundError, ConnectionError))
 
 
 def _tags_of(variant: str) -> list:
     prefix = f'{variant}.'
-    return [k[len(prefix):] for k in default_cfgs if k.startswith(prefix)]
+    return [k[len(prefix) :] for k in default_cfgs if k.startswith(prefix)]
 
 
 def _variant(variant: str, pretrained: bool, **kwargs: Any) -> EffNetV1:
     spec = VARIANTS[variant]
     kwargs.setdefault('drop_rate', spec.dropout)
-    return create_effnet_v1(
-        variant, pretrained, width_coefficient=spec.width, depth_coefficient=spec.depth, **kwargs)
+    return create_effnet_v1(variant, pretrained, width_coefficient=spec.width, depth_coefficient=spec.depth, **kwargs)
 
 
 @register_model

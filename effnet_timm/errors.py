@@ -1,4 +1,5 @@
 """The errors effnet_timm raises for things a user can fix; each message is one line naming the problem."""
+
 from __future__ import annotations
 
 __all__ = ['InputError', 'PretrainedWeightsError', 'first_line']

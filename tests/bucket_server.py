@@ -2,6 +2,7 @@
 Google Cloud Storage sends (Content-Length, ETag, Last-Modified, `X-Goog-Hash: crc32c=<b64>,md5=<b64>` of the whole
 object, also on ranged answers), `Range` / `If-Range` support, a request log and injectable faults.
 """
+
 from __future__ import annotations
 
 import base64
@@ -10,7 +11,6 @@ import threading
 import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Dict, List, Optional
 
 import crc32c
 
@@ -20,10 +20,11 @@ LIFETIME_S = 600  # the server stops by itself even if a test forgets to
 @dataclass
 class Fault:
     """What to do instead of a clean answer, for the next `times` GETs of a path (None: every one)."""
+
     kind: str  # 'status' | 'truncate' | 'bad_hash' | 'stall'
     status: int = 500
     after: int = 0  # truncate/stall: bytes of the body sent first
-    times: Optional[int] = None
+    times: int | None = None
 
 
 def goog_hash(data: bytes) -> str:
@@ -36,9 +37,9 @@ class BucketServer:
     """`with BucketServer() as bucket:` serves `bucket.files` (path -> bytes) on `bucket.root`."""
 
     def __init__(self):
-        self.files: Dict[str, bytes] = {}
-        self.faults: Dict[str, Fault] = {}
-        self.requests: List[str] = []  # 'GET /path bytes=N-' in arrival order
+        self.files: dict[str, bytes] = {}
+        self.faults: dict[str, Fault] = {}
+        self.requests: list[str] = []  # 'GET /path bytes=N-' in arrival order
         self.release = threading.Event()  # a 'stall' fault holds its connection until this is set
         self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer(('127.0.0.1', 0), _handler_for(self))
@@ -48,7 +49,7 @@ class BucketServer:
         self._timer = threading.Timer(LIFETIME_S, self._httpd.shutdown)
         self._timer.daemon = True
 
-    def __enter__(self) -> 'BucketServer':
+    def __enter__(self) -> BucketServer:
         self._thread.start()
         self._timer.start()
         return self
@@ -60,12 +61,12 @@ class BucketServer:
         self._httpd.server_close()
         self._thread.join(timeout=5)
 
-    def gets(self, path: str) -> List[str]:
+    def gets(self, path: str) -> list[str]:
         """The GET requests for `path` so far (with their Range header, if any)."""
         with self._lock:
             return [r for r in self.requests if r.split()[:2] == ['GET', path]]
 
-    def fault_for(self, path: str) -> Optional[Fault]:
+    def fault_for(self, path: str) -> Fault | None:
         with self._lock:
             fault = self.faults.get(path)
             if fault is None:
@@ -108,7 +109,7 @@ def _handler_for(bucket: BucketServer):
             etag = f'"{hashlib.md5(data).hexdigest()}"'
             start = 0
             if range_header.startswith('bytes=') and self.headers.get('If-Range', etag) == etag:
-                start = int(range_header[len('bytes='):].split('-')[0])
+                start = int(range_header[len('bytes=') :].split('-')[0])
                 if start >= len(data):
                     return self._plain(416, b'<Error><Code>InvalidRange</Code></Error>')
             body = data[start:]
@@ -127,12 +128,12 @@ def _handler_for(bucket: BucketServer):
             if not send_body:
                 return
             if fault and fault.kind == 'truncate':
-                self.wfile.write(body[:fault.after])
+                self.wfile.write(body[: fault.after])
                 self.wfile.flush()
                 self.close_connection = True
                 return
             if fault and fault.kind == 'stall':
-                self.wfile.write(body[:fault.after])
+                self.wfile.write(body[: fault.after])
                 self.wfile.flush()
                 bucket.release.wait(LIFETIME_S)
                 self.close_connection = True

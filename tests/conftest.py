@@ -1,4 +1,5 @@
 """Shared paths and helpers for the test suite."""
+
 from __future__ import annotations
 
 import inspect
@@ -6,8 +7,9 @@ import json
 import os
 import re
 import types
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Optional, Set
+from typing import Any
 
 import pytest
 import torch
@@ -23,15 +25,17 @@ SHARED = Path(os.environ.get('EFFNET_TIMM_SHARED') or REPO.parent / 'shared')
 OFFICIAL = SHARED / 'fixtures' / 'official'
 MANIFESTS = OFFICIAL / 'manifests'
 # The scaled-down official checkpoint and the sample photos ship in the package; tests use those copies.
-TINY_CKPT = REPO / 'convert' / 'demo' / 'efficientnet-tiny' / 'model.ckpt'
-SAMPLES = REPO / 'convert' / 'samples'
+TINY_CKPT = REPO / 'convert' / 'effnet_convert' / 'demo' / 'efficientnet-tiny' / 'model.ckpt'
+SAMPLES = REPO / 'convert' / 'effnet_convert' / 'samples'
 
 torch.set_num_threads(max(1, os.cpu_count() or 1))
 
 # CI must run the oracle tests, not skip them: with CI set (CI=true, as CI services set it) or
 # EFFNET_TIMM_REQUIRE_ORACLES=1, a missing TensorFlow or ../shared fails the test that needs it.
-REQUIRE_ORACLES = (os.environ.get('CI', '').strip().lower() not in ('', '0', 'false', 'no')
-                   or os.environ.get('EFFNET_TIMM_REQUIRE_ORACLES', '') == '1')
+REQUIRE_ORACLES = (
+    os.environ.get('CI', '').strip().lower() not in ('', '0', 'false', 'no')
+    or os.environ.get('EFFNET_TIMM_REQUIRE_ORACLES', '') == '1'
+)
 REQUIRE_REASON = 'CI (CI or EFFNET_TIMM_REQUIRE_ORACLES=1 set) fails instead of skipping'
 
 
@@ -54,6 +58,7 @@ def _private_weights_cache(tmp_path_factory):
 def converted_tiny(tmp_path_factory) -> Path:
     """The demo checkpoint converted once at 96 px. Tests read it or copy it; none may edit it."""
     from effnet_convert.converter import convert
+
     folder = tmp_path_factory.mktemp('converted') / 'effnet_v1'
     convert(str(TINY_CKPT.parent), folder, image_size=96)
     return folder
@@ -77,6 +82,7 @@ def info_output() -> str:
     import io
 
     from effnet_timm_cli import main
+
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         assert main(['info']) == 0
@@ -87,8 +93,9 @@ def save_v2(tf, prefix: Path, tensors: dict) -> Path:
     """Write a bundle with the SaveV2 op, as tf.compat.v1.train.Saver does, without building a graph."""
     prefix.parent.mkdir(parents=True, exist_ok=True)
     names = list(tensors)
-    tf.raw_ops.SaveV2(prefix=str(prefix), tensor_names=names, shape_and_slices=[''] * len(names),
-                      tensors=list(tensors.values()))
+    tf.raw_ops.SaveV2(
+        prefix=str(prefix), tensor_names=names, shape_and_slices=[''] * len(names), tensors=list(tensors.values())
+    )
     return prefix
 
 
@@ -104,8 +111,9 @@ def load_manifest(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def realistic_init_(model: torch.nn.Module, calib_size: int = 128, seed: int = 0,
-                    calib_input: Optional[torch.Tensor] = None) -> torch.nn.Module:
+def realistic_init_(
+    model: torch.nn.Module, calib_size: int = 128, seed: int = 0, calib_input: torch.Tensor | None = None
+) -> torch.nn.Module:
     """Give a model weights whose activations look trained: per-channel scaled kernels, random BN affine,
     BN statistics calibrated on one batch (as the official fixtures are made). Small-variance channels
     are what make BN eps and padding mistakes visible in the logits."""
@@ -115,7 +123,7 @@ def realistic_init_(model: torch.nn.Module, calib_size: int = 128, seed: int = 0
             if p.ndim == 4:
                 fan_in = p.shape[1] * p.shape[2] * p.shape[3]
                 scale = torch.exp(torch.empty(p.shape[0], 1, 1, 1).uniform_(-3.0, 0.7, generator=g))
-                p.copy_(torch.randn(p.shape, generator=g) / fan_in ** 0.5 * scale)
+                p.copy_(torch.randn(p.shape, generator=g) / fan_in**0.5 * scale)
             elif p.ndim == 2:
                 p.copy_(torch.randn(p.shape, generator=g) * 3 / p.shape[1] ** 0.5)
             elif name.endswith('weight'):  # BN gamma
@@ -127,8 +135,7 @@ def realistic_init_(model: torch.nn.Module, calib_size: int = 128, seed: int = 0
         for bn in bns:
             bn.reset_running_stats()
             bn.momentum = None  # cumulative average: one batch sets the statistics exactly
-        x = calib_input if calib_input is not None else torch.randn(
-            4, 3, calib_size, calib_size, generator=g)
+        x = calib_input if calib_input is not None else torch.randn(4, 3, calib_size, calib_size, generator=g)
         model.train()
         model(x)
         model.eval()
@@ -153,9 +160,15 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
     (a platform without fork, say) stay skips."""
     outcome = yield
     report = outcome.get_result()
-    if (REQUIRE_ORACLES and report.skipped and call.excinfo is not None
-            and call.excinfo.errisinstance(pytest.skip.Exception) and ORACLE_SKIP.search(call.excinfo.value.msg)
-            and item.get_closest_marker('skip') is None and item.get_closest_marker('skipif') is None):
+    if (
+        REQUIRE_ORACLES
+        and report.skipped
+        and call.excinfo is not None
+        and call.excinfo.errisinstance(pytest.skip.Exception)
+        and ORACLE_SKIP.search(call.excinfo.value.msg)
+        and item.get_closest_marker('skip') is None
+        and item.get_closest_marker('skipif') is None
+    ):
         report.outcome = 'failed'
         report.longrepr = f'skipped ({call.excinfo.value.msg}); {REQUIRE_REASON}'
 
@@ -171,7 +184,9 @@ ORACLE_FIXTURES = frozenset({'tf'})
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        'markers', "oracle: needs TensorFlow or ../shared (set by tests/conftest.py); -m 'not oracle' is the quick subset")
+        'markers',
+        "oracle: needs TensorFlow or ../shared (set by tests/conftest.py); -m 'not oracle' is the quick subset",
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
@@ -185,13 +200,13 @@ def _is_oracle_test(item: pytest.Item) -> bool:
         return True
     functions = [getattr(item, 'obj', None)]
     info = getattr(item, '_fixtureinfo', None)
-    for defs in (info.name2fixturedefs.values() if info is not None else ()):
+    for defs in info.name2fixturedefs.values() if info is not None else ():
         functions += [d.func for d in defs]
-    seen: Set[int] = set()
+    seen: set[int] = set()
     return any(_names_oracle(f, seen) for f in functions if f is not None)
 
 
-def _names_oracle(func: Any, seen: Set[int]) -> bool:
+def _names_oracle(func: Any, seen: set[int]) -> bool:
     func = inspect.unwrap(getattr(func, '__func__', func))
     code = getattr(func, '__code__', None)
     if code is None or id(code) in seen:
@@ -224,4 +239,4 @@ def _is_shared_path(value: Any) -> bool:
 
 
 def _is_test_code(func: types.FunctionType) -> bool:
-    return Path(func.__code__.co_filename).resolve().parent == Path(__file__).resolve().parent
+    return Path(__file__).resolve().parent in Path(func.__code__.co_filename).resolve().parents

@@ -4,6 +4,7 @@ regular (non-LFS) files, compare them and download them, with the Hub's status c
 Run the client with HF_HUB_DISABLE_XET=1: every file is then answered "regular" at preupload and travels
 base64-encoded inside the NDJSON commit, so no LFS or Xet storage is involved.
 """
+
 from __future__ import annotations
 
 import base64
@@ -12,9 +13,9 @@ import json
 import re
 import threading
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, Dict, List, Optional, Tuple
 
 import yaml
 
@@ -35,26 +36,25 @@ class Commit:
     oid: str
     title: str
     description: str
-    files: Dict[str, bytes]  # the whole tree at this commit
+    files: dict[str, bytes]  # the whole tree at this commit
 
 
 @dataclass
 class Repo:
     private: bool
-    commits: Dict[str, Commit] = field(default_factory=dict)
-    branches: Dict[str, str] = field(default_factory=dict)  # name -> commit oid
-    history: List[str] = field(default_factory=list)  # every commit oid, oldest first
+    commits: dict[str, Commit] = field(default_factory=dict)
+    branches: dict[str, str] = field(default_factory=dict)  # name -> commit oid
+    history: list[str] = field(default_factory=list)  # every commit oid, oldest first
 
 
 class HubError(Exception):
     """An answer other than 200: status, JSON body, X-Error-Code."""
 
-    def __init__(self, status: int, message: str, code: Optional[str] = None, commit: Optional[str] = None,
-                 **body: str):
+    def __init__(self, status: int, message: str, code: str | None = None, commit: str | None = None, **body: str):
         super().__init__(message)
         self.status, self.message, self.code, self.commit, self.body = status, message, code, commit, body
 
-    def headers(self) -> Dict[str, str]:
+    def headers(self) -> dict[str, str]:
         headers = {'X-Error-Message': self.message, 'X-Error-Code': self.code, 'X-Repo-Commit': self.commit}
         return {k: v for k, v in headers.items() if v}
 
@@ -64,9 +64,9 @@ class HubServer:
 
     def __init__(self, token: str):
         self.token = token
-        self.repos: Dict[str, Repo] = {}
-        self.requests: List[str] = []  # 'METHOD /path', in arrival order
-        self.fail: Dict[str, int] = {}  # route name -> status to answer instead (e.g. {'commit': 500})
+        self.repos: dict[str, Repo] = {}
+        self.requests: list[str] = []  # 'METHOD /path', in arrival order
+        self.fail: dict[str, int] = {}  # route name -> status to answer instead (e.g. {'commit': 500})
         self._lock = threading.Lock()
         self._counter = 0
         self._httpd = ThreadingHTTPServer(('127.0.0.1', 0), _handler_for(self))
@@ -76,7 +76,7 @@ class HubServer:
         self._timer = threading.Timer(LIFETIME_S, self._httpd.shutdown)
         self._timer.daemon = True
 
-    def __enter__(self) -> 'HubServer':
+    def __enter__(self) -> HubServer:
         self._thread.start()
         self._timer.start()
         return self
@@ -89,12 +89,12 @@ class HubServer:
 
     # --- what tests look at ---------------------------------------------------------------------------------
 
-    def files(self, repo_id: str, revision: str = 'main') -> Dict[str, bytes]:
+    def files(self, repo_id: str, revision: str = 'main') -> dict[str, bytes]:
         with self._lock:
             repo = self.repos[repo_id]
             return dict(repo.commits[repo.branches[revision]].files)
 
-    def commits(self, repo_id: str) -> List[Commit]:
+    def commits(self, repo_id: str) -> list[Commit]:
         with self._lock:
             repo = self.repos.get(repo_id)
             return [repo.commits[oid] for oid in repo.history] if repo else []
@@ -105,7 +105,7 @@ class HubServer:
 
     # --- routes ------------------------------------------------------------------------------------------------
 
-    def routes(self) -> List[Tuple[str, str, 're.Pattern', Callable]]:
+    def routes(self) -> list[tuple[str, str, re.Pattern, Callable]]:
         return [
             ('POST', 'create', re.compile(r'^/api/repos/create$'), self._create),
             ('POST', 'validate-yaml', re.compile(r'^/api/validate-yaml$'), self._validate_yaml),
@@ -117,7 +117,7 @@ class HubServer:
             ('GET', 'resolve', re.compile(rf'^/{_REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)$'), self._resolve),
         ]
 
-    def _create(self, req: 'Request') -> dict:
+    def _create(self, req: Request) -> dict:
         req.require_token()
         body = req.json()
         repo_id = f'{body["organization"]}/{body["name"]}' if body.get('organization') else body['name']
@@ -129,7 +129,7 @@ class HubServer:
             self._add_commit(repo, 'main', 'initial commit', '', {'.gitattributes': b'*.safetensors filter=lfs\n'})
         return {'url': f'{self.endpoint}/{repo_id}', 'name': repo_id}
 
-    def _validate_yaml(self, req: 'Request') -> dict:
+    def _validate_yaml(self, req: Request) -> dict:
         content = req.json()['content']
         match = re.match(r'^---\n(.*?)\n---\n', content, re.S)
         errors = _card_metadata_errors(match.group(1)) if match else []
@@ -137,15 +137,22 @@ class HubServer:
             raise HubError(400, errors[0])
         return {'errors': [], 'warnings': []}
 
-    def _preupload(self, req: 'Request') -> dict:
+    def _preupload(self, req: Request) -> dict:
         req.require_token()
         files = self._tree(req)
-        return {'files': [
-            {'path': f['path'], 'uploadMode': 'regular', 'shouldIgnore': False,
-             'oid': git_blob_id(files[f['path']]) if f['path'] in files else None}
-            for f in req.json()['files']]}
+        return {
+            'files': [
+                {
+                    'path': f['path'],
+                    'uploadMode': 'regular',
+                    'shouldIgnore': False,
+                    'oid': git_blob_id(files[f['path']]) if f['path'] in files else None,
+                }
+                for f in req.json()['files']
+            ]
+        }
 
-    def _commit(self, req: 'Request') -> dict:
+    def _commit(self, req: Request) -> dict:
         req.require_token()
         if req.query.get('create_pr'):
             raise HubError(400, 'pull requests are not served here')
@@ -161,11 +168,14 @@ class HubServer:
                 if line['key'] != 'header':
                     self._apply(files, line['key'], line['value'])
             commit = self._add_commit(repo, req.rev, header['summary'], header.get('description', ''), files)
-        return {'commitUrl': f'{self.endpoint}/{req.repo_id}/commit/{commit.oid}', 'commitOid': commit.oid,
-                'success': True}
+        return {
+            'commitUrl': f'{self.endpoint}/{req.repo_id}/commit/{commit.oid}',
+            'commitOid': commit.oid,
+            'success': True,
+        }
 
     @staticmethod
-    def _apply(files: Dict[str, bytes], key: str, value: dict) -> None:
+    def _apply(files: dict[str, bytes], key: str, value: dict) -> None:
         if key == 'file' and value.get('encoding') == 'base64':
             files[value['path']] = base64.b64decode(value['content'])
         elif key == 'deletedFile':
@@ -173,12 +183,15 @@ class HubServer:
         else:  # lfsFile / deletedFolder / copies: never asked for, since preupload answers "regular"
             raise HubError(400, f'unsupported commit operation {key!r}')
 
-    def _paths_info(self, req: 'Request') -> list:
+    def _paths_info(self, req: Request) -> list:
         files = self._tree(req)
-        return [{'type': 'file', 'path': p, 'oid': git_blob_id(files[p]), 'size': len(files[p])}
-                for p in req.form().get('paths', []) if p in files]
+        return [
+            {'type': 'file', 'path': p, 'oid': git_blob_id(files[p]), 'size': len(files[p])}
+            for p in req.form().get('paths', [])
+            if p in files
+        ]
 
-    def _branch(self, req: 'Request') -> dict:
+    def _branch(self, req: Request) -> dict:
         req.require_token()
         with self._lock:
             repo = self._repo(req)
@@ -188,13 +201,17 @@ class HubServer:
             repo.branches[req.rev] = repo.branches.get(start, start)
         return {}
 
-    def _info(self, req: 'Request') -> dict:
+    def _info(self, req: Request) -> dict:
         with self._lock:
             repo, head = self._ref(req)
-            return {'id': req.repo_id, 'sha': head.oid, 'private': repo.private,
-                    'siblings': [{'rfilename': p} for p in sorted(head.files)]}
+            return {
+                'id': req.repo_id,
+                'sha': head.oid,
+                'private': repo.private,
+                'siblings': [{'rfilename': p} for p in sorted(head.files)],
+            }
 
-    def _resolve(self, req: 'Request') -> Tuple[bytes, Dict[str, str]]:
+    def _resolve(self, req: Request) -> tuple[bytes, dict[str, str]]:
         with self._lock:
             _, head = self._ref(req)
         path = urllib.parse.unquote(req.match['path'])
@@ -205,25 +222,25 @@ class HubServer:
 
     # --- state (callers hold the lock where it matters) --------------------------------------------------------
 
-    def _repo(self, req: 'Request') -> Repo:
+    def _repo(self, req: Request) -> Repo:
         repo = self.repos.get(req.repo_id)
         # As the Hub: a private repo is invisible without the owner's token (writes check the token first).
         if repo is None or (repo.private and not req.has_token()):
             raise HubError(404 if repo is None else 401, 'Repository not found', 'RepoNotFound')
         return repo
 
-    def _ref(self, req: 'Request') -> Tuple[Repo, Commit]:
+    def _ref(self, req: Request) -> tuple[Repo, Commit]:
         repo = self._repo(req)
         oid = repo.branches.get(req.rev, req.rev)
         if oid not in repo.commits:
             raise HubError(404, f'Invalid rev id: {req.rev}', 'RevisionNotFound')
         return repo, repo.commits[oid]
 
-    def _tree(self, req: 'Request') -> Dict[str, bytes]:
+    def _tree(self, req: Request) -> dict[str, bytes]:
         with self._lock:
             return dict(self._ref(req)[1].files)
 
-    def _add_commit(self, repo: Repo, branch: str, title: str, description: str, files: Dict[str, bytes]) -> Commit:
+    def _add_commit(self, repo: Repo, branch: str, title: str, description: str, files: dict[str, bytes]) -> Commit:
         self._counter += 1
         oid = hashlib.sha1(f'{self._counter}:{title}'.encode()).hexdigest()
         repo.commits[oid] = Commit(oid, title, description, files)
@@ -232,7 +249,7 @@ class HubServer:
         return repo.commits[oid]
 
 
-def _card_metadata_errors(text: str) -> List[str]:
+def _card_metadata_errors(text: str) -> list[str]:
     """The model-card checks the Hub applies that matter here: a YAML mapping, a well-formed model-index."""
     try:
         meta = yaml.safe_load(text)
@@ -242,9 +259,12 @@ def _card_metadata_errors(text: str) -> List[str]:
         return ['metadata must be a YAML mapping']
     for model in meta.get('model-index') or []:
         for result in model.get('results') or []:
-            ok = (result.get('task', {}).get('type') and result.get('dataset', {}).get('type')
-                  and result.get('dataset', {}).get('name')
-                  and all('type' in m and 'value' in m for m in result.get('metrics', [])))
+            ok = (
+                result.get('task', {}).get('type')
+                and result.get('dataset', {}).get('type')
+                and result.get('dataset', {}).get('name')
+                and all('type' in m and 'value' in m for m in result.get('metrics', []))
+            )
             if not ok:
                 return [f'"model-index[0].results" is invalid in {model.get("name")}']
     return []
@@ -254,8 +274,8 @@ def _card_metadata_errors(text: str) -> List[str]:
 class Request:
     handler: BaseHTTPRequestHandler
     token: str
-    match: 're.Match'
-    query: Dict[str, str]
+    match: re.Match
+    query: dict[str, str]
     body: bytes
 
     @property
@@ -276,7 +296,7 @@ class Request:
     def json(self):
         return json.loads(self.body or b'null')
 
-    def form(self) -> Dict[str, List[str]]:
+    def form(self) -> dict[str, list[str]]:
         return urllib.parse.parse_qs(self.body.decode())
 
 
@@ -309,8 +329,12 @@ def _handler_for(hub: HubServer):
             for route_method, name, pattern, action in routes:
                 match = pattern.match(url.path)
                 if route_method == method and match:
-                    return self._run(name, action, Request(self, hub.token, match, dict(
-                        urllib.parse.parse_qsl(url.query)), body), send_body)
+                    return self._run(
+                        name,
+                        action,
+                        Request(self, hub.token, match, dict(urllib.parse.parse_qsl(url.query)), body),
+                        send_body,
+                    )
             self._send(404, b'{"error": "Not Found"}', {}, send_body)
 
         def _run(self, name: str, action: Callable, req: Request, send_body: bool) -> None:
@@ -325,8 +349,14 @@ def _handler_for(hub: HubServer):
                 return self._send(200, answer[0], answer[1], send_body, 'application/octet-stream')
             self._send(200, json.dumps(answer).encode(), {}, send_body)
 
-        def _send(self, status: int, data: bytes, headers: Dict[str, str], send_body: bool,
-                  content_type: str = 'application/json') -> None:
+        def _send(
+            self,
+            status: int,
+            data: bytes,
+            headers: dict[str, str],
+            send_body: bool,
+            content_type: str = 'application/json',
+        ) -> None:
             self.send_response(status)
             self.send_header('Content-Type', content_type)
             self.send_header('Content-Length', str(len(data)))

@@ -1,5 +1,6 @@
 """The README's commands and numbers are the ones CI runs and the code prints; the package declares what it
 imports; CI cannot skip the oracle tests."""
+
 from __future__ import annotations
 
 import ast
@@ -9,16 +10,15 @@ import re
 import shlex
 import subprocess
 import sys
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Dict
 
 import pytest
-
 from conftest import REPO
 
 README = REPO / 'README.md'
@@ -49,6 +49,7 @@ def test_readme_info_table_is_the_info_command_output(info_output):
 def test_readme_predict_example_prints_what_predict_prints(converted_tiny, capsys, monkeypatch):
     # The example runs on the set-up command's out/demo; converted_tiny is the same conversion.
     from effnet_timm_cli import main
+
     readme = README.read_text()
     intro = readme.index('On the demo folder from the set-up command')
     command = re.search(r'```bash\n(.*?)```', readme[intro:], re.S).group(1).strip()
@@ -80,8 +81,12 @@ def _imports(path: Path, top_level_only: bool) -> set:
                 continue
             if isinstance(node, ast.Import) and not (top_level_only and in_function):
                 roots.update(alias.name.split('.')[0] for alias in node.names)
-            elif (isinstance(node, ast.ImportFrom) and node.level == 0 and node.module
-                  and not (top_level_only and in_function)):
+            elif (
+                isinstance(node, ast.ImportFrom)
+                and node.level == 0
+                and node.module
+                and not (top_level_only and in_function)
+            ):
                 roots.add(node.module.split('.')[0])
             inner = in_function or isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
             visit(list(ast.iter_child_nodes(node)), inner)
@@ -123,7 +128,7 @@ def test_tf_exact_jpeg_decoder_is_a_runtime_dependency():
 
 # ----------------------------------------------------------------------------- CI fails what it would skip
 
-TINY_TESTS = '''
+TINY_TESTS = """
 import pytest
 from conftest import shared_path
 
@@ -148,7 +153,7 @@ def test_machine_skip():
 
 def test_plain():
     pass
-'''
+"""
 
 
 @pytest.fixture(scope='module')
@@ -166,41 +171,73 @@ def tiny_suite(tmp_path_factory) -> Path:
 def _run_tiny(root: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items() if k not in ('CI', 'EFFNET_TIMM_REQUIRE_ORACLES', 'PYTEST_ADDOPTS')}
     clean.update(EFFNET_TIMM_SHARED=str(root / 'no_shared'), PYTHONPATH=str(root / 'no_tf'), **env)
-    return subprocess.run([sys.executable, '-m', 'pytest', '-p', 'no:cacheprovider', '--rootdir', str(root),
-                           '-c', os.devnull, *args, str(root / 'test_tiny.py')],
-                          cwd=root, env=clean, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [
+            sys.executable,
+            '-m',
+            'pytest',
+            '-p',
+            'no:cacheprovider',
+            '--rootdir',
+            str(root),
+            '-c',
+            os.devnull,
+            *args,
+            str(root / 'test_tiny.py'),
+        ],
+        cwd=root,
+        env=clean,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
-def _outcomes(root: Path, **env: str) -> Dict[str, str]:
+def _outcomes(root: Path, **env: str) -> dict[str, str]:
     xml = root / f'junit-{len(env)}-{"-".join(env.values())}.xml'
     _run_tiny(root, f'--junitxml={xml}', **env)
     outcomes = {}
     for case in ET.parse(xml).getroot().iter('testcase'):
         kinds = [child.tag for child in case if child.tag in ('failure', 'error', 'skipped')]
         # A failing fixture is an 'error', a failing test body a 'failure': both fail the run.
-        outcomes[case.get('name')] = {'failure': 'failed', 'error': 'failed'}.get(kinds[0], kinds[0]) if kinds else 'passed'
+        outcomes[case.get('name')] = (
+            {'failure': 'failed', 'error': 'failed'}.get(kinds[0], kinds[0]) if kinds else 'passed'
+        )
     return outcomes
 
 
 @pytest.mark.parametrize('env', [{}, {'CI': 'false'}])
 def test_missing_oracles_skip_outside_ci(tiny_suite, env):
     assert _outcomes(tiny_suite, **env) == {
-        'test_shared': 'skipped', 'test_tf': 'skipped', 'test_own_skip': 'skipped', 'test_importorskip': 'skipped',
-        'test_platform': 'skipped', 'test_machine_skip': 'skipped', 'test_plain': 'passed'}
+        'test_shared': 'skipped',
+        'test_tf': 'skipped',
+        'test_own_skip': 'skipped',
+        'test_importorskip': 'skipped',
+        'test_platform': 'skipped',
+        'test_machine_skip': 'skipped',
+        'test_plain': 'passed',
+    }
 
 
 @pytest.mark.parametrize('env', [{'CI': 'true'}, {'CI': '1'}, {'EFFNET_TIMM_REQUIRE_ORACLES': '1'}])
 def test_missing_oracles_fail_under_ci(tiny_suite, env):
     assert _outcomes(tiny_suite, **env) == {
-        'test_shared': 'failed', 'test_tf': 'failed', 'test_own_skip': 'failed', 'test_importorskip': 'failed',
-        'test_platform': 'skipped', 'test_machine_skip': 'skipped', 'test_plain': 'passed'}
+        'test_shared': 'failed',
+        'test_tf': 'failed',
+        'test_own_skip': 'failed',
+        'test_importorskip': 'failed',
+        'test_platform': 'skipped',
+        'test_machine_skip': 'skipped',
+        'test_plain': 'passed',
+    }
 
 
 def test_ci_failure_says_why(tiny_suite):
     proc = _run_tiny(tiny_suite, '-rfE', CI='true')
     assert proc.returncode == 1
-    assert re.search(r'FAILED .*test_shared - .*efficientnet-b0 is absent .*instead of skipping', proc.stdout), \
+    assert re.search(r'FAILED .*test_shared - .*efficientnet-b0 is absent .*instead of skipping', proc.stdout), (
         proc.stdout[-3000:]
+    )
     assert re.search(r'ERROR .*test_tf - .*TensorFlow .*cannot be imported', proc.stdout), proc.stdout[-3000:]
 
 

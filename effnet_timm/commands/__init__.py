@@ -1,0 +1,1 @@
+"""What the effnet-timm commands do, as library functions: predict, validate, info, run."""

@@ -1,0 +1,458 @@
+"""TF-exact EfficientNet evaluation preprocessing in plain PyTorch (no TensorFlow at run time).
+
+Reproduces ``preprocessing.preprocess_image(is_training=False)`` of the official tensorflow/tpu
+EfficientNet code, followed by its normalization:
+
+1. Decode to RGB uint8 the way ``tf.io.decode_jpeg(channels=3)`` does. TF decodes with
+   libjpeg-turbo's *fast integer DCT*; ``simplejpeg`` (when installed) is asked for the same and
+   matches TF bit for bit. Without it Pillow decodes with the accurate DCT: about 1.2 levels
+   apart on average, up to ~16 on single pixels, and that survives the resize. Grayscale is
+   replicated to three channels, CMYK is converted with TF's integer formula, alpha is dropped,
+   16-bit samples keep their high byte, EXIF orientation is ignored: all as in TF.
+
+   One known residual: the official code decodes with ``decode_and_crop_jpeg``, and
+   libjpeg-turbo's cropped decode treats the crop's left/right edges as image edges when it
+   upsamples subsampled chroma (4:2:0, 4:2:2). The crop's first column (when the crop starts on
+   an iMCU boundary, a multiple of 16 px) and its last column (when the crop ends an even number
+   of pixels past the iMCU boundary at or below its start) then differ from a full decode by a
+   few levels (up to 12 seen). Reproducing them needs the raw chroma planes, which simplejpeg does
+   not expose; on the fixture photos this costs ~0.001 level mean after the resize.
+2. Centre crop of side ``int32(float32(size / (size + crop_padding)) * min(h, w))`` at offsets
+   ``((h - c) + 1) // 2``, ``((w - c) + 1) // 2``. Conventions for ``crop_padding``:
+
+   * ``'padding32'`` (default): ``CROP_PADDING = 32`` at every size. This is the code behind the
+     published accuracy table (tensorflow/tpu before commit 22d5cab, 2021-11), which timm's
+     ``crop_pct`` values for ``tf_efficientnet_*`` approximate to 3 decimals.
+   * ``'fraction'``: the current official code, ``CROP_FRACTION = 0.875`` at every size, turned
+     into ``crop_padding = round(size * (1 / 0.875 - 1))``: 14 at 96, 32 at 224, 43 at 300.
+   * ``'crop_pct'``: the padding timm's own eval transform implies for a data config's
+     ``crop_pct``: ``floor(size / crop_pct) - size`` (timm resizes to ``floor(size / crop_pct)``
+     and centre-crops ``size``).
+
+   32 pixels of padding is ``crop_pct = size / (size + 32)``. effnet_timm's configs store that cut
+   to 3 decimals, which timm's floor maps back to 32; timm's own ``tf_efficientnet_b3`` rounds it
+   up to 0.904, which timm turns into 31. :func:`create_tf_transform` warns when the config's
+   ``crop_pct`` and the chosen convention disagree. Either way the crop side is computed TF's way
+   from the padding, never from ``crop_pct`` directly.
+3. Legacy TF1 bicubic resize (``tf.compat.v1.image.resize_bicubic``, ``align_corners=False``,
+   ``half_pixel_centers=False``): Keys cubic with a = -0.75, source coordinate ``dst * in / out``,
+   4 taps clamped at the edges, weights looked up in TF's 1024-step table, no antialiasing, and
+   float32 output that is neither clipped nor rounded. Done as two matrix multiplies on
+   channel-first (``..., H, W``) float tensors.
+4. ``(x - mean * 255) / (std * 255)`` with mean/std from a timm data config: ImageNet mean/std,
+   or mean = std = 0.5, which is AdvProp's ``x * 2 / 255 - 1``.
+
+Entry points: :func:`create_tf_transform` (a per-image callable, like ``timm.data.create_transform``)
+and :func:`preprocess_batch` (NCHW float32 batch), both driven by
+``timm.data.resolve_data_config({}, model=model)``. Hand them encoded bytes or paths for the exact
+decode, e.g. ``timm.data.ImageDataset(root, load_bytes=True, transform=create_tf_transform(cfg))``;
+a PIL image has already been decoded by Pillow.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import math
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+try:
+    import simplejpeg
+except ImportError:  # optional: the Pillow fallback is close but not bit-exact
+    simplejpeg = None
+
+__all__ = [
+    'ImageInput',
+    'PUBLISHED_CROP_PADDING',
+    'OFFICIAL_CROP_FRACTION',
+    'decode_image',
+    'tf_crop_padding',
+    'tf_center_crop_window',
+    'bicubic_resize_weights',
+    'bicubic_resize_taps',
+    'resize_bicubic_tf1',
+    'normalize_0_255',
+    'TfEvalTransform',
+    'create_tf_transform',
+    'preprocess_batch',
+]
+
+ImageInput = bytes | bytearray | memoryview | str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
+
+PUBLISHED_CROP_PADDING = 32
+OFFICIAL_CROP_FRACTION = 0.875
+
+_JPEG_MAGIC = b'\xff\xd8\xff'
+_DECODERS = ('auto', 'simplejpeg', 'pillow')
+# TF's bicubic kernel looks its coefficients up in a table of this many steps per pixel; the
+# exact kernel would be up to ~0.15 level off when upsampling.
+_TF_TABLE_SIZE = 1024
+_TF_CUBIC_A = -0.75
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def decode_image(image: ImageInput, decoder: str = 'auto') -> torch.Tensor:
+    """Decode ``image`` to an RGB uint8 tensor of shape (H, W, 3), the way TF's decoders do.
+
+    ``image`` may be encoded bytes, a file path, a PIL image, or a uint8 array/tensor in HWC or
+    CHW layout (2-D means grayscale; a 4th channel is taken as alpha and dropped).
+    ``decoder`` picks the JPEG decoder: ``'simplejpeg'`` (bit-exact with TF), ``'pillow'``
+    (accurate DCT, ~1 level off), or ``'auto'`` (simplejpeg when installed). Other formats
+    always go through Pillow, which is lossless for them.
+    """
+    if decoder not in _DECODERS:
+        raise ValueError(f'decoder must be one of {_DECODERS}, got {decoder!r}')
+    if isinstance(image, (str, os.PathLike)):
+        with open(image, 'rb') as f:
+            image = f.read()
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        rgb = _decode_bytes(bytes(image), decoder)
+    elif isinstance(image, Image.Image):
+        rgb = _pil_to_rgb(image)
+    elif isinstance(image, np.ndarray):
+        return _array_to_rgb(torch.from_numpy(np.array(image)))  # copied: it may be read-only
+    elif isinstance(image, torch.Tensor):
+        return _array_to_rgb(image)
+    else:
+        raise TypeError(f'unsupported image type {type(image).__name__}')
+    return torch.from_numpy(np.ascontiguousarray(rgb))
+
+
+def _decode_bytes(data: bytes, decoder: str) -> np.ndarray:
+    if data.startswith(_JPEG_MAGIC) and decoder != 'pillow':
+        if simplejpeg is not None:
+            return _decode_jpeg_simplejpeg(data)
+        if decoder == 'simplejpeg':
+            raise ImportError("decoder='simplejpeg' needs `pip install simplejpeg`")
+    with Image.open(io.BytesIO(data)) as img:
+        return _pil_to_rgb(img)
+
+
+def _decode_jpeg_simplejpeg(data: bytes) -> np.ndarray:
+    # TF's decode_jpeg defaults: dct_method '' = INTEGER_FAST, fancy_upscaling=True. simplejpeg's
+    # default strict=True raises on truncated data, as TF does.
+    options = dict(fastdct=True, fastupsample=False)
+    if simplejpeg.decode_jpeg_header(data)[2] in ('CMYK', 'YCCK'):
+        cmyk = simplejpeg.decode_jpeg(data, colorspace='CMYK', **options)
+        return _cmyk_to_rgb_tf(cmyk, stored_inverted=_has_adobe_marker(data))
+    return simplejpeg.decode_jpeg(data, colorspace='RGB', **options)
+
+
+def _has_adobe_marker(data: bytes) -> bool:
+    # Opening is lazy: Pillow parses the markers without decoding the scan.
+    with Image.open(io.BytesIO(data)) as img:
+        return 'adobe' in img.info
+
+
+def _cmyk_to_rgb_tf(cmyk: np.ndarray, stored_inverted: bool) -> np.ndarray:
+    """TF's CMYK -> RGB (jpeg_mem.cc): integer products of the samples as stored in the file.
+
+    Adobe-marked files store inverted CMYK, so there ``r = c * k // 255``; otherwise
+    ``r = (255 - c) * (255 - k) // 255``.
+    """
+    values = cmyk.astype(np.int32)
+    if not stored_inverted:
+        values = 255 - values
+    return (values[..., :3] * values[..., 3:] // 255).astype(np.uint8)
+
+
+def _pil_to_rgb(img: Image.Image) -> np.ndarray:
+    if img.mode == 'CMYK':
+        # Pillow always un-inverts CMYK on load ("assume adobe conventions"), so undo that to get
+        # the stored samples back before applying TF's formula.
+        stored = 255 - np.asarray(img)
+        return _cmyk_to_rgb_tf(stored, stored_inverted='adobe' in img.info)
+    if img.mode.startswith('I;16'):
+        # TF (libpng strip_16) keeps the high byte; Pillow's convert('RGB') would clip instead.
+        gray = (np.asarray(img).astype(np.uint16) >> 8).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=-1)
+    # Gray is replicated, palettes expanded, alpha dropped without compositing: as TF does.
+    return np.array(img.convert('RGB'))
+
+
+def _array_to_rgb(t: torch.Tensor) -> torch.Tensor:
+    if t.dtype != torch.uint8:
+        raise TypeError(f'image arrays must be uint8 (0..255 pixels), got {t.dtype}')
+    if t.ndim == 2:
+        t = t[..., None]
+    if t.ndim != 3:
+        raise ValueError(f'expected an HW, HWC or CHW image, got shape {tuple(t.shape)}')
+    if t.shape[-1] not in (1, 3, 4):
+        if t.shape[0] not in (1, 3, 4):
+            raise ValueError(f'cannot tell the channel axis of shape {tuple(t.shape)}')
+        t = t.permute(1, 2, 0)
+    if t.shape[-1] == 1:
+        t = t.expand(-1, -1, 3)
+    return t[..., :3].contiguous()
+
+
+# ----------------------------------------------------------------------------- crop
+
+
+def tf_crop_padding(image_size: int, crop: str | int = 'padding32', crop_pct: float | None = None) -> int:
+    """The ``crop_padding`` of the official code for ``image_size`` under a crop convention.
+
+    ``crop`` is ``'padding32'`` (published-table code: 32), ``'fraction'`` (current code:
+    crop fraction 0.875), ``'crop_pct'`` (the padding timm's eval transform implies for
+    ``crop_pct``: ``floor(image_size / crop_pct) - image_size``) or an explicit padding in pixels.
+    """
+    if isinstance(crop, bool):
+        raise TypeError('crop must be a convention name or an int padding, not a bool')
+    if isinstance(crop, int):
+        if crop < 0:
+            raise ValueError(f'crop padding must be >= 0, got {crop}')
+        return crop
+    if crop == 'padding32':
+        return PUBLISHED_CROP_PADDING
+    if crop == 'fraction':
+        # Verbatim from the official _decode_and_center_crop (Python round on a float64).
+        return round(image_size * (1 / OFFICIAL_CROP_FRACTION - 1))
+    if crop == 'crop_pct':
+        if crop_pct is None:
+            raise ValueError("crop='crop_pct' needs a crop_pct")
+        return _padding_from_crop_pct(image_size, crop_pct)
+    raise ValueError(f"crop must be 'padding32', 'fraction', 'crop_pct' or an int, got {crop!r}")
+
+
+def _padding_from_crop_pct(image_size: int, crop_pct: float) -> int:
+    # timm's transforms_imagenet_eval: scale_size = floor(img_size / crop_pct).
+    return math.floor(image_size / crop_pct) - image_size
+
+
+def tf_center_crop_window(height: int, width: int, image_size: int, crop_padding: int) -> tuple[int, int, int, int]:
+    """The official ``crop_window`` ``(offset_h, offset_w, side, side)`` for an image of h x w."""
+    # The Python float64 ratio becomes a float32 constant in the graph; the product is float32
+    # and tf.cast to int32 truncates.
+    ratio = np.float32(image_size / (image_size + crop_padding))
+    side = int(ratio * np.float32(min(height, width)))
+    if side < 1:
+        raise ValueError(f'image {height}x{width} is too small for a centre crop at size {image_size}')
+    return (height - side + 1) // 2, (width - side + 1) // 2, side, side
+
+
+# ----------------------------------------------------------------------------- resize
+
+
+@functools.lru_cache(maxsize=64)
+def bicubic_resize_taps(in_size: int, out_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """TF1 legacy ``resize_bicubic`` along one axis as 4 taps per output: ``(indices, weights)``, both
+    (out_size, 4), int64 source indices clamped to the edges and float32 weights from TF's table.
+
+    Cached per size pair; treat the result as read-only.
+    """
+    table = _tf_cubic_table()
+    scale = np.float32(in_size) / np.float32(out_size)
+    src = np.arange(out_size, dtype=np.float32) * scale
+    base = np.floor(src)
+    # lrintf rounds half to even, as np.rint does.
+    offset = np.rint((src - base) * np.float32(_TF_TABLE_SIZE)).astype(np.int64)
+    mirrored = _TF_TABLE_SIZE - offset
+    taps = np.stack([table[offset, 1], table[offset, 0], table[mirrored, 0], table[mirrored, 1]], axis=1)
+    columns = np.clip(base.astype(np.int64)[:, None] + np.arange(-1, 3), 0, in_size - 1)
+    return torch.from_numpy(columns), torch.from_numpy(np.ascontiguousarray(taps, dtype=np.float32))
+
+
+@functools.lru_cache(maxsize=64)
+def bicubic_resize_weights(in_size: int, out_size: int) -> torch.Tensor:
+    """(out_size, in_size) float32 matrix of TF1 legacy ``resize_bicubic`` along one axis.
+
+    Cached per size pair; treat the result as read-only.
+    """
+    columns, taps = (t.numpy() for t in bicubic_resize_taps(in_size, out_size))
+    weights = np.zeros((out_size, in_size), dtype=np.float32)
+    # Clamped taps hit the same column; TF adds their contributions, so add the weights.
+    np.add.at(weights, (np.repeat(np.arange(out_size), 4), columns.ravel()), taps.ravel())
+    return torch.from_numpy(weights)
+
+
+# Output rows (columns) per band of the banded resize: each band multiplies only the input rows its taps touch.
+_RESIZE_BAND = 32
+
+
+@functools.lru_cache(maxsize=64)
+def _resize_bands(in_size: int, out_size: int) -> tuple[tuple[int, int, int, int, torch.Tensor], ...]:
+    """``(out_start, out_stop, in_start, in_stop, weights)`` blocks of :func:`bicubic_resize_weights`: outside
+    ``in_start:in_stop`` a block's weights are exactly zero, so leaving them out drops only zero products. The
+    remaining sums run in another order than the dense product's (matmul blocks by the band's width), so the
+    result equals the dense one up to float32 rounding (a few ulp), not bit for bit."""
+    weights = bicubic_resize_weights(in_size, out_size)
+    index, _ = bicubic_resize_taps(in_size, out_size)
+    bands = []
+    for o0 in range(0, out_size, _RESIZE_BAND):
+        o1 = min(out_size, o0 + _RESIZE_BAND)
+        lo, hi = int(index[o0:o1].min()), int(index[o0:o1].max()) + 1
+        bands.append((o0, o1, lo, hi, weights[o0:o1, lo:hi].contiguous()))
+    return tuple(bands)
+
+
+def _resize_bicubic_tf1_hwc(image: torch.Tensor, size: int) -> torch.Tensor:
+    """:func:`resize_bicubic_tf1` of one HWC image, returned CHW: its nonzero products, summed in another order
+    (see :func:`_resize_bands`; tested against TF), done as banded matrix products on contiguous rows.
+    A DataLoader worker's crop of a photo is 300-600 px; the
+    dense product there spends most of its time multiplying zero weights."""
+    height, width, channels = image.shape
+    x = image.reshape(height, width * channels).float()
+    rows = torch.empty(size, width * channels, dtype=torch.float32)
+    for o0, o1, lo, hi, w in _resize_bands(height, size):
+        torch.matmul(w, x[lo:hi], out=rows[o0:o1])
+    # (size, channels, width): columns become the contiguous axis for the second product.
+    cols_in = rows.view(size, width, channels).permute(0, 2, 1).reshape(size * channels, width)
+    out = torch.empty(size * channels, size, dtype=torch.float32)
+    for o0, o1, lo, hi, w in _resize_bands(width, size):
+        out[:, o0:o1] = torch.matmul(cols_in[:, lo:hi], w.t())
+    return out.view(size, channels, size).permute(1, 0, 2).contiguous()
+
+
+@functools.lru_cache(maxsize=1)
+def _tf_cubic_table() -> np.ndarray:
+    # TF's InitCoeffsTable: column 0 is the kernel at distance x, column 1 at x + 1, for
+    # x = i / 1024; evaluated in double (a is a double) and stored as float.
+    a = _TF_CUBIC_A
+    x = np.arange(_TF_TABLE_SIZE + 1, dtype=np.float64) / _TF_TABLE_SIZE
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = ((a * (x + 1) - 5 * a) * (x + 1) + 8 * a) * (x + 1) - 4 * a
+    return np.stack([near, far], axis=1).astype(np.float32)
+
+
+def resize_bicubic_tf1(images: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """``tf.compat.v1.image.resize_bicubic`` (legacy, no half-pixel centres) on (..., H, W).
+
+    Channel-first layout (NCHW or CHW); integer inputs are converted to float32. The output is
+    float32, unclipped and unrounded, like TF's.
+    """
+    out_h, out_w = (size, size) if isinstance(size, int) else size
+    x = images if images.is_floating_point() else images.float()
+    in_h, in_w = x.shape[-2:]
+    wy = bicubic_resize_weights(in_h, out_h).to(device=x.device, dtype=x.dtype)
+    wx = bicubic_resize_weights(in_w, out_w).to(device=x.device, dtype=x.dtype)
+    # Rows first, then columns: the order TF's kernel interpolates in.
+    return torch.matmul(torch.matmul(wy, x), wx.t())
+
+
+# ----------------------------------------------------------------------------- normalize
+
+
+def normalize_0_255(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """``(x - mean * 255) / (std * 255)`` per channel on 0..255 channel-first images.
+
+    The official code subtracts and divides by float32 constants ``MEAN_RGB``/``STDDEV_RGB``
+    already scaled to 0..255; this keeps that order.
+    """
+    shape = (-1, 1, 1)
+    m = torch.tensor(np.float32(np.asarray(mean, dtype=np.float64) * 255), device=images.device).view(shape)
+    s = torch.tensor(np.float32(np.asarray(std, dtype=np.float64) * 255), device=images.device).view(shape)
+    return (images - m) / s
+
+
+# ----------------------------------------------------------------------------- timm glue
+
+
+class TfEvalTransform:
+    """Official TF EfficientNet eval preprocessing of one image: decode, crop, resize, normalize.
+
+    Calling it returns a (3, size, size) float32 tensor. ``crop_padding`` and ``crop_pct`` (its
+    equivalent, ``size / (size + crop_padding)``) say which crop is applied.
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        crop_padding: int,
+        mean: Sequence[float] | None,
+        std: Sequence[float] | None,
+        decoder: str = 'auto',
+    ) -> None:
+        if (mean is None) != (std is None):
+            raise ValueError('give both mean and std, or neither to skip normalization')
+        if decoder not in _DECODERS:
+            raise ValueError(f'decoder must be one of {_DECODERS}, got {decoder!r}')
+        self.image_size = image_size
+        self.crop_padding = crop_padding
+        self.mean = None if mean is None else tuple(mean)
+        self.std = None if std is None else tuple(std)
+        self.decoder = decoder
+
+    @property
+    def crop_pct(self) -> float:
+        return self.image_size / (self.image_size + self.crop_padding)
+
+    def crop_window(self, height: int, width: int) -> tuple[int, int, int, int]:
+        return tf_center_crop_window(height, width, self.image_size, self.crop_padding)
+
+    def __call__(self, image: ImageInput) -> torch.Tensor:
+        rgb = decode_image(image, self.decoder)
+        top, left, side, _ = self.crop_window(rgb.shape[0], rgb.shape[1])
+        x = _resize_bicubic_tf1_hwc(rgb[top : top + side, left : left + side], self.image_size)
+        return x if self.mean is None else normalize_0_255(x, self.mean, self.std)
+
+    def __repr__(self) -> str:
+        return (
+            f'{type(self).__name__}(image_size={self.image_size}, crop_padding={self.crop_padding} '
+            f'(crop_pct={self.crop_pct:.4f}), mean={self.mean}, std={self.std}, decoder={self.decoder!r})'
+        )
+
+
+def create_tf_transform(
+    data_config: Mapping[str, Any],
+    crop: str | int = 'padding32',
+    decoder: str = 'auto',
+    normalize: bool = True,
+) -> TfEvalTransform:
+    """The official TF eval preprocessing for a timm data config.
+
+    ``data_config`` is what ``timm.data.resolve_data_config({}, model=model)`` returns; its
+    ``input_size`` (square) and ``mean``/``std`` are used. ``crop`` is the crop convention (see
+    :func:`tf_crop_padding`; ``'crop_pct'`` reads ``data_config['crop_pct']``). A warning is
+    issued when the config's ``crop_pct``, ``crop_mode`` or ``interpolation`` describe a
+    different preprocessing than the one returned. ``normalize=False`` keeps 0..255 pixels.
+    """
+    size = _square_size(data_config['input_size'])
+    padding = tf_crop_padding(size, crop, data_config.get('crop_pct'))
+    _warn_on_config_mismatch(data_config, size, padding, crop)
+    mean, std = (data_config['mean'], data_config['std']) if normalize else (None, None)
+    return TfEvalTransform(size, padding, mean, std, decoder)
+
+
+def preprocess_batch(
+    images: Sequence[ImageInput],
+    data_config: Mapping[str, Any],
+    crop: str | int = 'padding32',
+    decoder: str = 'auto',
+    normalize: bool = True,
+) -> torch.Tensor:
+    """Preprocess ``images`` with :func:`create_tf_transform` and stack them: (N, 3, S, S) float32."""
+    transform = create_tf_transform(data_config, crop=crop, decoder=decoder, normalize=normalize)
+    return torch.stack([transform(image) for image in images])
+
+
+def _square_size(input_size: Sequence[int]) -> int:
+    height, width = input_size[-2:]
+    if height != width:
+        raise ValueError(f'the official preprocessing makes square images; input_size is {tuple(input_size)}')
+    return int(height)
+
+
+def _warn_on_config_mismatch(data_config: Mapping[str, Any], size: int, padding: int, crop: str | int) -> None:
+    crop_pct = data_config.get('crop_pct')
+    if crop_pct is not None and _padding_from_crop_pct(size, crop_pct) != padding:
+        warnings.warn(
+            f'crop={crop!r} crops with crop_padding={padding} (crop_pct {size / (size + padding):.4f}) '
+            f"but the data config's crop_pct={crop_pct} means crop_padding="
+            f"{_padding_from_crop_pct(size, crop_pct)} in timm; pass crop='crop_pct' to follow the config.",
+            stacklevel=3,
+        )
+    if data_config.get('crop_mode', 'center') != 'center':
+        warnings.warn(f'crop_mode={data_config["crop_mode"]!r} ignored: TF crops the centre', stacklevel=3)
+    if data_config.get('interpolation', 'bicubic') != 'bicubic':
+        warnings.warn(
+            f'interpolation={data_config["interpolation"]!r} ignored: TF resizes with TF1 bicubic', stacklevel=3
+        )

@@ -1,0 +1,124 @@
+"""The two shapes of the official MBConv block.
+
+Module names follow timm's `DepthwiseSeparableConv` / `InvertedResidual`, so state dicts line up key for
+key with timm's `tf_efficientnet_*` ports. Each Swish is its own module after its BatchNorm (`act1`,
+`act2`, as in timm's blocks before `BatchNormAct2d`), so SyncBatchNorm converters cannot drop it
+(`effnet_timm.models.recompute_layers`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+from timm.layers import DropPath
+from timm.models._efficientnet_blocks import SqueezeExcite
+
+from .config import BlockConfig
+from .layers import create_conv
+from .recompute import attach_recipe, recipe_of
+
+__all__ = ['DepthwiseSeparable', 'InvertedResidual', 'SqueezeExciteRecompute', 'create_block']
+
+NormFactory = Callable[..., nn.Module]
+ActFactory = Callable[[], nn.Module]
+
+
+class SqueezeExciteRecompute(SqueezeExcite):
+    """timm's `SqueezeExcite` (same modules and keys) whose output carries a recompute recipe.
+
+    When its input can be recomputed (a recorded Swish output), so can `x * gate`: the projection conv
+    then keeps neither for backward (`effnet_timm.models.recompute`). The recipe holds the gate itself (which
+    the multiply keeps anyway), so a double backward differentiates through it.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self.gate(self.conv_expand(self.act1(self.conv_reduce(x.mean((2, 3), keepdim=True)))))
+        out = x * gate
+        if not torch.jit.is_scripting():
+            if not torch.compiler.is_compiling() and torch.is_grad_enabled() and recipe_of(x) is not None:
+                attach_recipe(out, torch.mul, x, gate)
+        return out
+
+
+class DepthwiseSeparable(nn.Module):
+    """Official block with expand_ratio 1: depthwise → BN+Swish → SE → project → BN."""
+
+    def __init__(
+        self,
+        cfg: BlockConfig,
+        norm_layer: NormFactory,
+        act_layer: ActFactory,
+        se_act_layer: type,
+        dilation: int = 1,
+        drop_path_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.has_residual = cfg.has_residual
+        chs = cfg.input_filters
+        self.conv_dw = create_conv(chs, chs, cfg.kernel_size, cfg.stride, dilation, groups=chs)
+        self.bn1 = norm_layer(chs)
+        self.act1 = act_layer()
+        self.se = SqueezeExciteRecompute(chs, rd_channels=cfg.se_reduced_filters, act_layer=se_act_layer)
+        self.conv_pw = create_conv(chs, cfg.output_filters, 1)
+        self.bn2 = norm_layer(cfg.output_filters)
+        self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0.0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        x = self.act1(self.bn1(self.conv_dw(x)))
+        x = self.se(x)
+        x = self.bn2(self.conv_pw(x))
+        if self.has_residual:
+            x = self.drop_path(x) + shortcut
+        return x
+
+
+class InvertedResidual(nn.Module):
+    """Official block with expansion: expand → BN+Swish → depthwise → BN+Swish → SE → project → BN."""
+
+    def __init__(
+        self,
+        cfg: BlockConfig,
+        norm_layer: NormFactory,
+        act_layer: ActFactory,
+        se_act_layer: type,
+        dilation: int = 1,
+        drop_path_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.has_residual = cfg.has_residual
+        mid = cfg.expanded_filters
+        self.conv_pw = create_conv(cfg.input_filters, mid, 1)
+        self.bn1 = norm_layer(mid)
+        self.act1 = act_layer()
+        self.conv_dw = create_conv(mid, mid, cfg.kernel_size, cfg.stride, dilation, groups=mid)
+        self.bn2 = norm_layer(mid)
+        self.act2 = act_layer()
+        self.se = SqueezeExciteRecompute(mid, rd_channels=cfg.se_reduced_filters, act_layer=se_act_layer)
+        self.conv_pwl = create_conv(mid, cfg.output_filters, 1)
+        self.bn3 = norm_layer(cfg.output_filters)
+        self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0.0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        x = self.act1(self.bn1(self.conv_pw(x)))
+        x = self.act2(self.bn2(self.conv_dw(x)))
+        x = self.se(x)
+        x = self.bn3(self.conv_pwl(x))
+        if self.has_residual:
+            x = self.drop_path(x) + shortcut
+        return x
+
+
+def create_block(
+    cfg: BlockConfig,
+    norm_layer: NormFactory,
+    act_layer: ActFactory,
+    se_act_layer: type,
+    dilation: int = 1,
+    drop_path_rate: float = 0.0,
+) -> nn.Module:
+    block_cls = InvertedResidual if cfg.has_expand_conv else DepthwiseSeparable
+    return block_cls(cfg, norm_layer, act_layer, se_act_layer, dilation=dilation, drop_path_rate=drop_path_rate)

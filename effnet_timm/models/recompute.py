@@ -1,0 +1,172 @@
+"""Training memory: keep the conv outputs for backward, recompute the elementwise tensors between them.
+
+In an MBConv block five tensors of the expanded width are kept for backward by plain autograd (and
+timm): each conv output (read by its BatchNorm's backward), each BatchNorm output (read by Swish's),
+each Swish output (read by the next conv's or the SE multiply's) and the SE-scaled tensor (read by the
+projection conv's). All but the conv outputs are cheap elementwise functions of a conv output and a few
+per-channel numbers, so while `recompute_activations()` records, `BatchNormRecompute2d`, `SwishRecompute`
+and `SqueezeExciteRecompute` attach a `Recompute` recipe to their outputs, and autograd saves the recipe
+instead of the tensor (`torch.autograd.graph.saved_tensors_hooks`). Backward recomputes the tensor from
+the conv output that is kept anyway: one extra elementwise pass per use, no extra kept memory.
+
+A recipe is only ever a stand-in for the value it was made from:
+- a tensor edited in place after its recipe was made (a forward hook's `out.mul_(mask)`) is saved as
+  itself, as are tensors whose recipe sources were edited;
+- a recipe source edited in place after the save fails backward, as plain autograd does;
+- every tensor the hooks save as itself is checked for in-place edits at unpack, which autograd stops
+  doing for tensors that pass through saved-tensor hooks;
+- under `create_graph=True` (double backward) recipes recompute differentiably (see `bn_act`).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+__all__ = ['Recompute', 'attach_recipe', 'recipe_of', 'recompute_activations', 'recording', 'strip_recipe']
+
+_RECIPE_ATTR = '_effnet_recompute'
+_state = threading.local()  # saved-tensor hooks are per thread too (DataParallel replicas run in threads)
+
+
+class Recompute:
+    """How to recompute a tensor: `fn(*args)`, where recipe arguments are recomputed first.
+
+    Backward may read one tensor several times (the SE input feeds both the multiply and, through the
+    scaled tensor, the projection conv): with `cache`, the value is kept from its first recomputation
+    until its last packed use, so it is recomputed once per backward. Without (a BatchNorm output, one
+    cheap pass from the kept conv output), it is recomputed at each use rather than held between them.
+    """
+
+    __slots__ = ('fn', 'args', 'versions', 'version', 'cache', 'uses', 'value')
+
+    def __init__(self, fn: Callable[..., torch.Tensor], version: int, *args: Any, cache: bool = True) -> None:
+        self.fn = fn
+        self.cache = cache
+        self.args = args
+        self.versions: list[int | None] = [a._version if isinstance(a, torch.Tensor) else None for a in args]
+        self.version = version  # of the tensor this recipe stands for, when the recipe was made
+        self.uses = 0
+        self.value: torch.Tensor | None = None
+
+    def sources_unchanged(self) -> bool:
+        for arg, version in zip(self.args, self.versions):
+            if isinstance(arg, Recompute):
+                if not arg.sources_unchanged():
+                    return False
+            elif version is not None and arg._version != version:
+                return False
+        return True
+
+    def retain(self) -> None:
+        """One more read in backward (a pack, or a recipe built on this one being packed the first time)."""
+        self.uses += 1
+        if self.uses == 1:
+            for arg in self.args:
+                if isinstance(arg, Recompute):
+                    arg.retain()
+
+    def __call__(self) -> torch.Tensor:
+        value = self.value
+        if value is None:
+            value = self.fn(*[self._arg(arg, version) for arg, version in zip(self.args, self.versions)])
+        self.uses -= 1
+        self.value = value if self.cache and self.uses > 0 else None
+        return value
+
+    @staticmethod
+    def _arg(arg: Any, version: int | None) -> Any:
+        if isinstance(arg, Recompute):
+            return arg()
+        if version is not None:
+            _check_version(arg, version)
+        return arg
+
+
+def _check_version(t: torch.Tensor, version: int) -> None:
+    # Autograd's own wording, so the error reads as the one plain autograd would raise here.
+    if t._version != version:
+        raise RuntimeError(
+            f'effnet_timm: one of the variables needed for gradient computation has been modified by an '
+            f'inplace operation: a tensor of shape {tuple(t.shape)} is at version {t._version}; expected '
+            f'version {version} instead'
+        )
+
+
+def attach_recipe(out: torch.Tensor, fn: Callable[..., torch.Tensor], *args: Any, cache: bool = True) -> torch.Tensor:
+    """Mark `out` as `fn(*args)`; tensor arguments that carry a current recipe are referenced by recipe."""
+    args = tuple(_as_arg(a) for a in args)
+    setattr(out, _RECIPE_ATTR, Recompute(fn, out._version, *args, cache=cache))
+    return out
+
+
+def _as_arg(a: Any) -> Any:
+    recipe = recipe_of(a)
+    # A tensor edited since its recipe was made is its own source (it is kept for backward anyway).
+    return recipe if recipe is not None and recipe.version == a._version else a
+
+
+def recipe_of(t: Any) -> Recompute | None:
+    # Only real tensors: an FX proxy would answer any attribute with a new graph node.
+    return getattr(t, _RECIPE_ATTR, None) if isinstance(t, torch.Tensor) else None
+
+
+def strip_recipe(t: Any) -> Any:
+    """Drop `t`'s recipe (outputs leaving the model carry none)."""
+    if recipe_of(t) is not None:
+        delattr(t, _RECIPE_ATTR)
+    return t
+
+
+def recording() -> bool:
+    """Whether recipes are wanted here: inside `recompute_activations()` with our hooks installed."""
+    return getattr(_state, 'depth', 0) > 0
+
+
+def _pack(t: torch.Tensor) -> Any:
+    recipe = recipe_of(t)
+    if recipe is not None and recipe.version == t._version and recipe.sources_unchanged():
+        recipe.retain()
+        return recipe
+    # A detached alias: same storage and version counter, but no grad_fn, so an op that saves its own
+    # output (sigmoid) does not make a reference cycle through its node.
+    return t.detach(), t._version
+
+
+def _unpack(packed: Any) -> torch.Tensor:
+    if isinstance(packed, Recompute):
+        return packed()
+    t, version = packed  # type: Tuple[torch.Tensor, int]
+    _check_version(t, version)
+    return t
+
+
+@contextmanager
+def recompute_activations() -> Iterator[None]:
+    """Within this context, autograd saves recipes instead of the tensors that carry one.
+
+    Does nothing under saved-tensor hooks of the caller's (e.g. `torch.autograd.graph.save_on_cpu()`):
+    only the innermost hooks run, and recipes hold their sources where they are, so taking over would
+    silently undo the caller's choice of what to keep where.
+    """
+    if _outer_hooks_active():
+        yield
+        return
+    with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
+        _state.depth = getattr(_state, 'depth', 0) + 1
+        try:
+            yield
+        finally:
+            _state.depth -= 1
+
+
+def _outer_hooks_active() -> bool:
+    autograd = torch._C._autograd
+    if hasattr(autograd, '_saved_tensors_hooks_is_enabled') and not autograd._saved_tensors_hooks_is_enabled():
+        return True  # hooks are disabled here (and pushing ours would raise)
+    top = getattr(autograd, '_top_saved_tensors_default_hooks', None)  # private, present since torch 1.10
+    return top is not None and top(False) is not None
