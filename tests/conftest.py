@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import re
-import types
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -100,7 +97,8 @@ def save_v2(tf, prefix: Path, tensors: dict) -> Path:
 
 
 def shared_path(*parts: str) -> Path:
-    """A file from ../shared, or skip the test with the reason (fail it under CI)."""
+    """A file from ../shared, or skip the test with the reason (fail it under CI). Only for `oracle` tests."""
+    _require_oracle_mark()
     path = OFFICIAL.joinpath(*parts)
     if not path.exists():
         skip_or_fail(f'{path} is absent (../shared is not beside this checkout)')
@@ -175,68 +173,30 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
 
 # ----------------------------------------------------------------------------- the `oracle` marker
 
-# `-m "not oracle"` is the quick subset that needs neither TensorFlow nor ../shared. A test is an oracle
-# test when it (or a fixture it uses, or a helper of its module that it calls, transitively) names one
-# of these, or a module constant that is a path inside ../shared.
-ORACLE_NAMES = frozenset({'shared_path', 'OFFICIAL', 'MANIFESTS', 'SHARED', 'tensorflow', '_tf'})
+# A test that needs TensorFlow or ../shared says so: `pytestmark = pytest.mark.oracle` in its module, or
+# `@pytest.mark.oracle` on it. `-m "not oracle"` is then the quick subset that needs neither. The marks are kept
+# honest at run time: an unmarked test that asks for the `tf` fixture or calls `shared_path` fails, saying so.
 ORACLE_FIXTURES = frozenset({'tf'})
+UNMARKED = 'needs TensorFlow or ../shared but is not marked: add @pytest.mark.oracle (or a module pytestmark)'
+_current_item: pytest.Item | None = None
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        'markers',
-        "oracle: needs TensorFlow or ../shared (set by tests/conftest.py); -m 'not oracle' is the quick subset",
+        'markers', "oracle: needs TensorFlow or ../shared; -m 'not oracle' is the quick subset that needs neither"
     )
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
-    for item in items:
-        if _is_oracle_test(item):
-            item.add_marker(pytest.mark.oracle)
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Remember the running test (for `shared_path`) and refuse an unmarked test using the `tf` fixture."""
+    global _current_item
+    _current_item = item
+    if ORACLE_FIXTURES & set(getattr(item, 'fixturenames', ())) and item.get_closest_marker('oracle') is None:
+        pytest.fail(f'{item.nodeid} {UNMARKED}', pytrace=False)
 
 
-def _is_oracle_test(item: pytest.Item) -> bool:
-    if ORACLE_FIXTURES & set(getattr(item, 'fixturenames', ())):
-        return True
-    functions = [getattr(item, 'obj', None)]
-    info = getattr(item, '_fixtureinfo', None)
-    for defs in info.name2fixturedefs.values() if info is not None else ():
-        functions += [d.func for d in defs]
-    seen: set[int] = set()
-    return any(_names_oracle(f, seen) for f in functions if f is not None)
-
-
-def _names_oracle(func: Any, seen: set[int]) -> bool:
-    func = inspect.unwrap(getattr(func, '__func__', func))
-    code = getattr(func, '__code__', None)
-    if code is None or id(code) in seen:
-        return False
-    seen.add(id(code))
-    module_globals = getattr(func, '__globals__', {})
-    for name in _code_names(code):
-        if name in ORACLE_NAMES:
-            return True
-        value = module_globals.get(name)
-        if _is_shared_path(value):
-            return True
-        if isinstance(value, types.FunctionType) and _is_test_code(value) and _names_oracle(value, seen):
-            return True
-    return False
-
-
-def _code_names(code: types.CodeType) -> Iterator[str]:
-    yield from code.co_names
-    for const in code.co_consts:
-        if isinstance(const, str):
-            yield const
-        elif isinstance(const, types.CodeType):  # nested functions, lambdas, comprehensions
-            yield from _code_names(const)
-
-
-def _is_shared_path(value: Any) -> bool:
-    values = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else (value,)
-    return any(isinstance(v, Path) and (v == SHARED or SHARED in v.parents) for v in values)
-
-
-def _is_test_code(func: types.FunctionType) -> bool:
-    return Path(__file__).resolve().parent in Path(func.__code__.co_filename).resolve().parents
+def _require_oracle_mark() -> None:
+    item = _current_item
+    if item is not None and item.get_closest_marker('oracle') is None:
+        pytest.fail(f'{item.nodeid} {UNMARKED}', pytrace=False)

@@ -132,10 +132,18 @@ TINY_TESTS = """
 import pytest
 from conftest import shared_path
 
+@pytest.mark.oracle
 def test_shared():
     shared_path('efficientnet-b0')
 
+@pytest.mark.oracle
 def test_tf(tf):
+    pass
+
+def test_unmarked_shared():
+    shared_path('efficientnet-b0')
+
+def test_unmarked_tf(tf):
     pass
 
 def test_own_skip():
@@ -211,6 +219,8 @@ def test_missing_oracles_skip_outside_ci(tiny_suite, env):
     assert _outcomes(tiny_suite, **env) == {
         'test_shared': 'skipped',
         'test_tf': 'skipped',
+        'test_unmarked_shared': 'failed',  # not marked `oracle`: fails everywhere, so the marks stay honest
+        'test_unmarked_tf': 'failed',
         'test_own_skip': 'skipped',
         'test_importorskip': 'skipped',
         'test_platform': 'skipped',
@@ -224,6 +234,8 @@ def test_missing_oracles_fail_under_ci(tiny_suite, env):
     assert _outcomes(tiny_suite, **env) == {
         'test_shared': 'failed',
         'test_tf': 'failed',
+        'test_unmarked_shared': 'failed',
+        'test_unmarked_tf': 'failed',
         'test_own_skip': 'failed',
         'test_importorskip': 'failed',
         'test_platform': 'skipped',
@@ -246,3 +258,12 @@ def test_oracle_marker_selects_the_tests_needing_tensorflow_or_shared(tiny_suite
     assert re.findall(r'::(test_\w+)', proc.stdout) == ['test_shared', 'test_tf'], proc.stdout[-3000:]
     proc = _run_tiny(tiny_suite, '-q', '-m', 'not oracle', CI='true')  # the quick subset needs neither
     assert proc.returncode == 1 and '2 deselected' in proc.stdout  # own skips still fail under CI
+    assert re.search(r'FAILED .*test_unmarked_shared - .*is not marked: add @pytest.mark.oracle', proc.stdout)
+
+
+def test_oracle_marks_are_explicit_in_the_test_files():
+    # The marks are written where a reader sees them, not derived by scanning the tests' code.
+    conftest = (REPO / 'tests' / 'conftest.py').read_text()
+    assert 'co_names' not in conftest and 'add_marker(pytest.mark.oracle' not in conftest
+    marked = [p.name for p in sorted((REPO / 'tests').rglob('test_*.py')) if 'pytest.mark.oracle' in p.read_text()]
+    assert {'test_tf_reference.py', 'test_first_use.py', 'test_convert.py'} <= set(marked)

@@ -96,6 +96,7 @@ def test_predict_on_converted_demo_gives_the_official_top5_and_probabilities(cap
     assert predictions['chelsea'][0][0] == 401 and predictions['chelsea'][0][2].startswith('accordion')
 
 
+@pytest.mark.oracle
 def test_predict_b0_weights_file_at_224_gives_the_official_top5(capsys, b0_dir):
     code, out, err = _cli(
         capsys, 'predict', *PHOTOS, '--weights', b0_dir / 'model.safetensors', '--model', 'effnet_v1_b0', '--json'
@@ -113,6 +114,7 @@ def test_predict_b0_weights_file_at_224_gives_the_official_top5(capsys, b0_dir):
         )
 
 
+@pytest.mark.oracle
 def test_tag_overrides_the_preprocessing_of_a_folder(capsys, b0_dir):
     code, out, err = _cli(
         capsys, 'predict', PHOTOS[0], '--weights', b0_dir, '--model', 'effnet_v1_b0.ap_in1k', '--json'
@@ -324,6 +326,7 @@ def b0_ap_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.oracle
 def test_weights_converted_with_a_tag_use_that_tags_preprocessing_and_name(capsys, b0_ap_dir, tmp_path):
     # Before: --model effnet_v1_b0 named the default tag (ns_jft_in1k) and used ImageNet mean/std.
     bare = tmp_path / 'weights.safetensors'  # away from its folder: only the file's metadata says what it is
@@ -344,6 +347,7 @@ def test_weights_converted_with_a_tag_use_that_tags_preprocessing_and_name(capsy
         assert result['preprocessing']['input_size'] == 224
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize('where', ['folder', 'file'])
 def test_a_model_tag_contradicting_the_recorded_tag_is_an_error(capsys, b0_ap_dir, where):
     weights = b0_ap_dir if where == 'folder' else b0_ap_dir / 'model.safetensors'

@@ -153,6 +153,7 @@ def test_synset_folders_give_the_official_accuracy(capsys, tmp_path, val_dir, co
     assert f'({N_RIGHT} / {N})' in out and 'images/s' in out
 
 
+@pytest.mark.oracle
 def test_b0_at_224_with_the_default_crop_gives_the_official_top5(capsys, tmp_path):
     # At 224 px the published crop (32 px padding, the default) is also the current code's 0.875 fraction.
     from effnet_convert.converter import convert
@@ -382,6 +383,7 @@ def test_official_top1_of_tags():
 # ----------------------------------------------------------------------------- preprocessing in workers
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize(
     'hw,size',
     [((375, 500), 224), ((300, 451), 96), ((640, 427), 300), ((61, 45), 224), ((1200, 900), 600), ((9, 7), 33)],
@@ -517,6 +519,7 @@ def test_skip_bad_with_every_image_bad_stops_instead_of_reporting_zero(capsys, t
     assert '%' not in out and not results.exists()
 
 
+@pytest.mark.oracle
 def test_png_named_jpeg_is_decoded_by_its_content(capsys, tmp_path, converted_tiny, tf):
     # The PNG holds exactly TensorFlow's decode of chelsea.jpg, so the official top-5 of chelsea applies.
     rgb = tf.io.decode_jpeg((SAMPLES / 'chelsea.jpg').read_bytes(), channels=3).numpy()

@@ -46,6 +46,7 @@ def test_tiny_checkpoint_reproduces_official_logits(tmp_path, ema, logits):
     _assert_reproduces(_model_logits(tmp_path / 'out', np.load(TINY / 'inputs.npy')), np.load(TINY / logits))
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize('ema,logits', [(True, 'logits_ema.npy'), (False, 'logits_raw.npy')])
 def test_b0_checkpoint_reproduces_official_logits(tmp_path, ema, logits):
     b0 = shared_path('efficientnet-b0')
@@ -132,6 +133,7 @@ def test_wrong_variant_flag_names_both(tmp_path, capsys):
     )
 
 
+@pytest.mark.oracle
 def test_partial_ema_is_an_error_unless_asked(tmp_path, capsys, tf, tiny_tensors):
     dropped = 'efficientnet-tiny/blocks_3/se/conv2d/bias/ExponentialMovingAverage'
     prefix = save_v2(tf, tmp_path / 'ckpt' / 'model.ckpt', {k: v for k, v in tiny_tensors.items() if k != dropped})
@@ -141,12 +143,14 @@ def test_partial_ema_is_an_error_unless_asked(tmp_path, capsys, tf, tiny_tensors
     assert main([str(prefix), '--out', str(tmp_path / 'ok'), '--allow-partial-ema', '--quiet']) == 0
 
 
+@pytest.mark.oracle
 def test_unexpected_variable_is_an_error(tmp_path, capsys, tf, tiny_tensors):
     extra = dict(tiny_tensors, **{'efficientnet-tiny/blocks_3/extra/kernel': np.zeros(3, np.float32)})
     prefix = save_v2(tf, tmp_path / 'ckpt' / 'model.ckpt', extra)
     _expect_error(tmp_path, capsys, [str(prefix)], 'unexpected', 'blocks_3/extra/kernel')
 
 
+@pytest.mark.oracle
 def test_corrupted_tensor_is_named(tmp_path, capsys, tf, tiny_tensors):
     prefix = save_v2(tf, tmp_path / 'ckpt' / 'model.ckpt', tiny_tensors)
     data = Path(f'{prefix}.data-00000-of-00001')
@@ -156,6 +160,7 @@ def test_corrupted_tensor_is_named(tmp_path, capsys, tf, tiny_tensors):
     _expect_error(tmp_path, capsys, [str(prefix)], 'CRC32C mismatch', "tensor 'efficientnet-tiny/")
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize('damage', ['truncated index', 'missing shard', 'truncated data'])
 def test_damaged_files_give_one_line(tmp_path, capsys, tf, tiny_tensors, damage):
     prefix = save_v2(tf, tmp_path / 'ckpt' / 'model.ckpt', tiny_tensors)
@@ -199,6 +204,7 @@ def test_existing_output_is_not_replaced_without_overwrite(tmp_path, capsys):
     assert not (out / 'keep').exists()
 
 
+@pytest.mark.oracle
 def test_tag_must_exist_for_the_variant(tmp_path, capsys):
     b0 = shared_path('efficientnet-b0')
     _expect_error(tmp_path, capsys, [str(b0), '--tag', 'ra_in1k'], "tag 'ra_in1k'", 'effnet_v1_b0')
@@ -213,6 +219,7 @@ def _manifest_shapes(variant: str) -> dict:
     return {v['name']: tuple(v['shape']) for v in manifest['checkpoint']['variables']}
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize('variant', list(VARIANTS))
 def test_every_official_variable_maps_exactly_once(variant):
     shapes = _manifest_shapes(variant)
@@ -256,6 +263,7 @@ def _random_official_checkpoint(tf, variant: str, prefix: Path) -> Path:
 KERAS_SIZE = 128  # large enough for every stride, small enough for B7 in CI
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize('variant', [f'effnet_v1_b{i}' for i in range(8)])
 def test_random_official_checkpoint_matches_keras(tmp_path, tf, variant):
     from effnet_convert.tf_reference import keras_logits, load_official_variables
@@ -272,6 +280,7 @@ def test_random_official_checkpoint_matches_keras(tmp_path, tf, variant):
     _assert_reproduces(ours, reference, rel_tol=2e-4)
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize('variant', ['effnet_v1_b8', pytest.param('effnet_v1_l2', marks=pytest.mark.slow)])
 def test_random_official_checkpoint_of_the_largest_variants_loads_strictly(tmp_path, tf, variant):
     prefix = _random_official_checkpoint(tf, variant, tmp_path / 'ckpt' / 'model.ckpt')
@@ -285,6 +294,7 @@ def test_random_official_checkpoint_of_the_largest_variants_loads_strictly(tmp_p
 # --- --verify -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.oracle
 def test_cli_verify_passes_on_the_embedded_default(tmp_path, tf):
     proc = _run_cli('--out', str(tmp_path / 'demo'), '--verify', '--quiet')
     assert proc.returncode == 0, proc.stderr
@@ -299,6 +309,7 @@ def test_cli_verify_passes_on_the_embedded_default(tmp_path, tf):
     assert 'max_rel_diff' in (tmp_path / 'demo' / 'README.md').read_text()
 
 
+@pytest.mark.oracle
 def test_verify_fails_a_wrong_model(tmp_path, tf):
     from effnet_convert.converter import build_model, read_weights
     from effnet_convert.tf_bundle import TensorBundle

@@ -71,6 +71,7 @@ def _run(code: str, *args: str, timeout: int = 300) -> subprocess.Popen:
 # --- 3: the printed "load with" line keeps the folder's preprocessing and tag ------------------------------
 
 
+@pytest.mark.oracle
 def test_printed_load_lines_carry_the_folders_preprocessing_and_tag(tmp_path, capsys):
     import timm
 
@@ -92,6 +93,7 @@ def test_printed_load_lines_carry_the_folders_preprocessing_and_tag(tmp_path, ca
 # --- 4: values and dtypes the official graph cannot hold ------------------------------------------------
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize('bad', [np.nan, np.inf, -np.inf])
 def test_non_finite_weights_refused(tmp_path, capsys, tf, tiny_tensors, bad):
     value = tiny_tensors[KERNEL + EMA].copy()
@@ -109,6 +111,7 @@ def test_non_finite_weights_refused(tmp_path, capsys, tf, tiny_tensors, bad):
     )
 
 
+@pytest.mark.oracle
 def test_non_finite_raw_weights_refused_with_no_ema(tmp_path, capsys, tf, tiny_tensors):
     value = tiny_tensors[KERNEL].copy()
     value[..., 0] = np.nan
@@ -116,6 +119,7 @@ def test_non_finite_raw_weights_refused_with_no_ema(tmp_path, capsys, tf, tiny_t
     _expect_error(tmp_path, capsys, [str(prefix), '--no-ema'], f"'{KERNEL}'", 'NaN or Inf')
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize('dtype', [np.float16, np.int32, np.float64])
 def test_kernel_of_another_dtype_refused_not_cast(tmp_path, capsys, tf, tiny_tensors, dtype):
     value = (tiny_tensors[KERNEL + EMA] * 100).astype(dtype)
@@ -130,6 +134,7 @@ def test_kernel_of_another_dtype_refused_not_cast(tmp_path, capsys, tf, tiny_ten
     )
 
 
+@pytest.mark.oracle
 def test_duplicate_index_key_refused(tmp_path, capsys, tiny_tensors, tf):
     from test_tf_bundle import write_index
 
@@ -143,6 +148,7 @@ def test_duplicate_index_key_refused(tmp_path, capsys, tiny_tensors, tf):
     _expect_error(tmp_path, capsys, [str(prefix)], 'model.ckpt.index', f"'{KERNEL}' is listed twice")
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize('step', ['vector', 'int32', 'float'])
 def test_global_step_of_another_kind_refused(tmp_path, capsys, tf, tiny_tensors, step):
     value = {'vector': np.array([1, 2], np.int64), 'int32': np.int32(7), 'float': np.float32(7)}[step]
@@ -153,12 +159,14 @@ def test_global_step_of_another_kind_refused(tmp_path, capsys, tf, tiny_tensors,
 # --- 11: missing or mis-shaped variables are named with their file ---------------------------------------
 
 
+@pytest.mark.oracle
 def test_missing_raw_variable_named(tmp_path, capsys, tf, tiny_tensors):
     missing = 'efficientnet-tiny/blocks_3/se/conv2d/bias'
     prefix = _checkpoint(tf, tmp_path, {k: v for k, v in tiny_tensors.items() if k != missing})
     _expect_error(tmp_path, capsys, [str(prefix)], 'model.ckpt.index', f"'{missing}' is missing")
 
 
+@pytest.mark.oracle
 def test_wrong_shaped_raw_variable_named(tmp_path, capsys, tf, tiny_tensors):
     name = 'efficientnet-tiny/blocks_3/se/conv2d/bias'
     shape = tiny_tensors[name].shape
@@ -168,6 +176,7 @@ def test_wrong_shaped_raw_variable_named(tmp_path, capsys, tf, tiny_tensors):
     )
 
 
+@pytest.mark.oracle
 def test_wrong_shaped_ema_shadow_named(tmp_path, capsys, tf, tiny_tensors):
     name = 'efficientnet-tiny/blocks_3/se/conv2d/bias' + EMA
     prefix = _checkpoint(tf, tmp_path, {**tiny_tensors, name: np.zeros(3, np.float32)})
@@ -214,6 +223,7 @@ def test_demo_with_image_size_zero_refused(tmp_path, capsys):
 # --- 11: --allow-partial-ema says so ----------------------------------------------------------------------
 
 
+@pytest.mark.oracle
 def test_partial_ema_is_recorded_as_partial(tmp_path, capsys, tf, tiny_tensors):
     dropped = ['efficientnet-tiny/blocks_3/se/conv2d/bias', 'efficientnet-tiny/stem/conv2d/kernel']
     prefix = _checkpoint(tf, tmp_path, {k: v for k, v in tiny_tensors.items() if k[: -len(EMA)] not in dropped})
@@ -262,6 +272,7 @@ def _tar(path: Path, files: dict) -> Path:
 # --- 5: an archive converts only itself ---------------------------------------------------------------------
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize('how', ['absolute', 'dotdot'])
 def test_archive_checkpoint_file_cannot_point_outside(tmp_path, capsys, tf, tiny_tensors, how):
     """The archive's `checkpoint` file names a different checkpoint outside it; its own files are converted."""
@@ -284,6 +295,7 @@ def test_archive_checkpoint_file_cannot_point_outside(tmp_path, capsys, tf, tiny
     np.testing.assert_array_equal(stem, expected)
 
 
+@pytest.mark.oracle
 def test_archive_naming_only_an_outside_checkpoint_is_refused(tmp_path, capsys, tf, tiny_tensors):
     outside = save_v2(tf, tmp_path / 'outside' / 'elsewhere.ckpt', tiny_tensors)
     files = {

@@ -376,6 +376,7 @@ def _rows(proc: subprocess.CompletedProcess) -> dict:
     return {line.split()[0]: line for line in lines[1:]}
 
 
+@pytest.mark.oracle
 def test_publish_family_resumes_where_it_stopped(family):
     _, folder, runs, mtimes, commits = family
     repo = f'{HUB_ORG}/effnet_v1_b0.aa_in1k'
@@ -394,6 +395,7 @@ def test_publish_family_resumes_where_it_stopped(family):
     assert commits == [1, 2, 2]
 
 
+@pytest.mark.oracle
 def test_registered_tag_and_hf_hub_name_load_the_published_b0(client, family, tmp_path):
     b0, folder, *_ = family
     registered, by_config, local = client.load(
@@ -409,6 +411,7 @@ def test_registered_tag_and_hf_hub_name_load_the_published_b0(client, family, tm
     assert np.abs(registered - official).max() / np.abs(official).max() <= REL_TOL
 
 
+@pytest.mark.oracle
 def test_official_repo_gets_only_the_registered_preprocessing(family, tmp_path, capsys):
     # The registered tag would download these weights with its own cfg: the Hub config may not say otherwise.
     folder = tmp_path / 'b0'

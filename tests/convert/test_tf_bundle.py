@@ -35,6 +35,7 @@ def assert_matches_tf(tf, prefix: Path) -> None:
 # Oracle: every tensor of the official-format fixtures and of TF-written bundles
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize(
     'prefix',
     [TINY_CKPT, FIXTURES / 'efficientnet-tiny-rmsprop' / 'model.ckpt', B0 / 'model.ckpt'],
@@ -109,6 +110,7 @@ def refusals(tf, tmp_path_factory) -> Path:
     return prefix
 
 
+@pytest.mark.oracle
 def test_dtypes_and_shapes_identical_to_tf(tf, zoo: Path) -> None:
     assert_matches_tf(tf, zoo)
     with TensorBundle(zoo) as bundle:
@@ -117,6 +119,7 @@ def test_dtypes_and_shapes_identical_to_tf(tf, zoo: Path) -> None:
         assert bundle.global_step == 123456789012
 
 
+@pytest.mark.oracle
 def test_several_shards_identical_to_tf(tf, sharded: Path) -> None:
     assert_matches_tf(tf, sharded)
     with TensorBundle(sharded) as bundle:
@@ -127,6 +130,7 @@ def test_several_shards_identical_to_tf(tf, sharded: Path) -> None:
         ]
 
 
+@pytest.mark.oracle
 def test_partitioned_tensor_refused_others_readable(tf, refusals: Path) -> None:
     with TensorBundle(refusals) as bundle:
         # The slices' own binary keys stay hidden, as in TF's variable map.
@@ -137,6 +141,7 @@ def test_partitioned_tensor_refused_others_readable(tf, refusals: Path) -> None:
         assert bundle.get('plain') == 1.0
 
 
+@pytest.mark.oracle
 def test_string_tensor_refused(refusals: Path) -> None:
     with (
         TensorBundle(refusals) as bundle,
@@ -145,6 +150,7 @@ def test_string_tensor_refused(refusals: Path) -> None:
         bundle.get('text')
 
 
+@pytest.mark.oracle
 def test_bfloat16_without_ml_dtypes(zoo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, 'ml_dtypes', None)  # makes `import ml_dtypes` fail
     with (
@@ -266,6 +272,7 @@ def test_truncated_data(tiny: Path) -> None:
         TensorBundle(tiny)
 
 
+@pytest.mark.oracle
 def test_missing_shard(sharded: Path, tmp_path: Path) -> None:
     for path in sharded.parent.iterdir():
         shutil.copy(path, tmp_path)
@@ -337,12 +344,14 @@ def _header(num_shards: int) -> bytes:
     return b'\x08' + _encode_varint(num_shards) + b'\x1a\x02\x08\x01'
 
 
+@pytest.mark.oracle
 def test_index_writer_is_read_by_tf(tf, tiny: Path) -> None:
     index = Path(f'{tiny}.index')
     write_index(index, _read_table(index))
     assert_matches_tf(tf, tiny)
 
 
+@pytest.mark.oracle
 def test_duplicate_tensor_key_refused(tf, tiny: Path) -> None:
     index = Path(f'{tiny}.index')
     pairs = _read_table(index)
@@ -394,6 +403,7 @@ def test_shard_id_beyond_header_refused(tiny: Path) -> None:
         TensorBundle(tiny)
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize('value', ['vector', 'int32'])
 def test_global_step_must_be_an_int64_scalar(tf, tmp_path: Path, value: str) -> None:
     step = tf.constant([1, 2], tf.int64) if value == 'vector' else tf.constant(5, tf.int32)

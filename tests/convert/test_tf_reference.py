@@ -16,6 +16,8 @@ from effnet_convert import tf_reference
 from effnet_convert.errors import CheckpointError
 from effnet_convert.tf_reference import keras_logits, load_official_variables, tf_graph_logits
 
+pytestmark = pytest.mark.oracle  # every test here needs TensorFlow or ../shared
+
 TINY = FIXTURES / 'efficientnet-tiny'
 B0 = OFFICIAL / 'efficientnet-b0'
 # Of the largest logit. Both references are well inside: the tf.nn graph is bit-identical to the official

@@ -82,6 +82,7 @@ def _nhwc(x: torch.Tensor) -> np.ndarray:
 # ----------------------------------------------------------------------------- resize
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize(
     'in_hw,out_hw',
     [
@@ -113,6 +114,7 @@ def test_resize_output_is_not_clipped():
 # ----------------------------------------------------------------------------- crop
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize('name', ['tiny', 'b0'])
 def test_crop_window_matches_manifest(name):
     folder, manifest = _fixture(name)
@@ -133,6 +135,7 @@ def test_fraction_convention_is_the_current_official_one(size, padding):
     assert tf_crop_padding(size, 'padding32') == 32
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize('size', [96, 224, 300, 600])
 @pytest.mark.parametrize('crop', ['padding32', 'fraction'])
 def test_crop_window_matches_official_expression(size, crop):
@@ -155,6 +158,7 @@ def test_crop_window_rejects_images_too_small_to_crop():
 # ----------------------------------------------------------------------------- whole pipeline
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize('name', ['tiny', 'b0'])
 def test_fixture_batch_matches_official_preprocessing(name):
     pytest.importorskip('simplejpeg', reason=NO_SIMPLEJPEG)
@@ -174,6 +178,7 @@ def test_fixture_batch_matches_official_preprocessing(name):
     assert ndiff.mean() <= MEAN_TOL_SIMPLEJPEG / 255 / min(cfg['std'])
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize('name', ['tiny', 'b0'])
 def test_fixture_batch_with_pillow_decoder(name, monkeypatch):
     folder, manifest = _fixture(name)
@@ -189,6 +194,7 @@ def test_fixture_batch_with_pillow_decoder(name, monkeypatch):
     assert ndiff.mean() <= MEAN_TOL_PILLOW / 255 / min(cfg['std'])
 
 
+@pytest.mark.oracle
 def test_decoded_arrays_and_pil_images_match_official_preprocessing():
     tf = _tf()
     folder, manifest = _fixture('tiny')
@@ -201,6 +207,7 @@ def test_decoded_arrays_and_pil_images_match_official_preprocessing():
             assert np.abs(got - ref).mean() <= MEAN_TOL_SIMPLEJPEG, type(image)
 
 
+@pytest.mark.oracle
 def test_timm_image_dataset_with_raw_bytes(tmp_path):
     pytest.importorskip('simplejpeg', reason=NO_SIMPLEJPEG)
     folder, manifest = _fixture('tiny')
@@ -241,6 +248,7 @@ def _encode(image: Image.Image, fmt: str) -> bytes:
     return buffer.getvalue()
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize('mode', ['L', 'CMYK'])
 def test_jpeg_colour_modes_match_tf_decode_jpeg(mode):
     tf = _tf()
@@ -265,6 +273,7 @@ def _png_cases() -> dict[str, bytes]:
     }
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize('case', ['RGBA', 'LA', 'P+transparency', 'I;16'])
 def test_png_modes_match_tf_decode_png(case):
     tf = _tf()
@@ -274,6 +283,7 @@ def test_png_modes_match_tf_decode_png(case):
     np.testing.assert_array_equal(decode_image(Image.open(io.BytesIO(data))).numpy(), expected)
 
 
+@pytest.mark.oracle
 def test_grayscale_jpeg_gives_three_equal_channels():
     transform = create_tf_transform(_config(_fixture('tiny')[1]), normalize=False)
     out = transform(_encode(_photo('L'), 'JPEG'))

@@ -36,6 +36,7 @@ def _official_rows(params: dict) -> list:
     return rows
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize('variant', OFFICIAL_VARIANTS)
 def test_block_table_equals_official_channel_table(variant):
     params = _manifest(variant)['params']
@@ -58,6 +59,7 @@ def test_scaled_down_official_checkpoint_table():
     assert ours == _official_rows(params)
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize('variant', OFFICIAL_VARIANTS)
 def test_parameter_count_equals_official_and_timm(variant):
     official = _manifest(variant)['checkpoint']['num_trainable_parameters']

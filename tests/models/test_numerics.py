@@ -25,6 +25,7 @@ def _tf():
     return pytest.importorskip('tensorflow', reason='TensorFlow is the padding oracle (pip install .[test])')
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize('kernel,stride', [(3, 2), (5, 2), (3, 1), (5, 1), (1, 1), (1, 2)])
 def test_conv_matches_tensorflow_same_padding_at_every_size(kernel, stride):
     tf = _tf()
@@ -39,6 +40,7 @@ def test_conv_matches_tensorflow_same_padding_at_every_size(kernel, stride):
         assert abs(got - expected).max() < 1e-5, (h, w)
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize('kernel', [3, 5])
 def test_depthwise_conv_matches_tensorflow_same_padding(kernel):
     tf = _tf()

@@ -265,6 +265,7 @@ def first_use(client, bucket, hub, tmp_path_factory):
     return cache, result, hub.requests[hub_seen:], bucket.requests[bucket_seen:]
 
 
+@pytest.mark.oracle
 def test_first_use_downloads_converts_and_reproduces_the_official_logits(first_use, official):
     cache, result, hub_requests, bucket_requests = first_use
     assert result.code == 0, result.stderr[-3000:]
@@ -290,6 +291,7 @@ def test_first_use_downloads_converts_and_reproduces_the_official_logits(first_u
     assert not list(cache.rglob('*.tar.gz*'))
 
 
+@pytest.mark.oracle
 def test_second_use_in_a_new_process_sends_no_request(client, bucket, hub, first_use):
     cache, first, _, _ = first_use
     hub_seen, bucket_seen = len(hub.requests), len(bucket.requests)
@@ -303,6 +305,7 @@ def test_second_use_in_a_new_process_sends_no_request(client, bucket, hub, first
     assert result.info(1) == dict(file=str(cache / NAME / 'model.safetensors'), crop_pct=0.9)
 
 
+@pytest.mark.oracle
 def test_features_only_num_classes_and_in_chans_load_from_the_cache(client, bucket, first_use):
     cache, first, _, _ = first_use
     bucket_seen = len(bucket.requests)
@@ -333,6 +336,7 @@ def test_features_only_num_classes_and_in_chans_load_from_the_cache(client, buck
     np.testing.assert_allclose(result.logits(2), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
 
+@pytest.mark.oracle
 def test_offline_uses_only_the_cache_and_names_the_command_that_fills_it(hub, bucket, first_use, tmp_path, client):
     # A new interpreter: HF_HUB_OFFLINE must be set before huggingface_hub is imported, as a user sets it.
     cache, first, _, _ = first_use
@@ -361,6 +365,7 @@ except effnet_timm.PretrainedWeightsError as err:
 # --- many processes, killed downloads --------------------------------------------------------------------------
 
 
+@pytest.mark.oracle
 def test_three_processes_on_an_empty_cache_download_once(client, bucket, tmp_path, official):
     seen = len(bucket.gets(AA))
     results = client.load(tmp_path / 'cache', [(NAME, {})], processes=3)
@@ -372,6 +377,7 @@ def test_three_processes_on_an_empty_cache_download_once(client, bucket, tmp_pat
     _assert_official_logits(results[0].logits(), official[0])
 
 
+@pytest.mark.oracle
 def test_download_killed_mid_way_is_resumed_and_its_lock_does_not_block(client, bucket, tmp_path, official):
     cache = tmp_path / 'cache'
     part = cache / '.tmp' / NAME / 'download' / 'efficientnet-b0.tar.gz.part'
@@ -393,6 +399,7 @@ def test_download_killed_mid_way_is_resumed_and_its_lock_does_not_block(client, 
     assert not part.exists() and not _untrusted(cache)
 
 
+@pytest.mark.oracle
 def test_killed_conversion_leaves_nothing_trusted(first_use, tmp_path):
     """What a process killed after the download leaves (a staged folder, an entry without its cache record,
     a damaged file) is never loaded."""
@@ -429,6 +436,7 @@ FAULTS = {
 }
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize('fault', FAULTS)
 def test_bucket_fault_is_one_line_then_a_healthy_bucket_succeeds(client, bucket, tmp_path, official, fault):
     injected, fragment = FAULTS[fault]
@@ -452,6 +460,7 @@ def test_bucket_fault_is_one_line_then_a_healthy_bucket_succeeds(client, bucket,
     _assert_official_logits(healthy.logits(), official[0])
 
 
+@pytest.mark.oracle
 def test_transient_500_and_dropped_connection_are_retried_within_one_call(client, bucket, tmp_path, official):
     seen = len(bucket.gets(AA))
     bucket.faults[AA] = Fault('status', status=503, times=1)
@@ -466,6 +475,7 @@ def test_transient_500_and_dropped_connection_are_retried_within_one_call(client
     _assert_official_logits(result.logits(), official[0])
 
 
+@pytest.mark.oracle
 def test_tarball_of_another_variant_is_refused_and_not_cached(client, bucket, tmp_path):
     cache = tmp_path / 'cache'
     line = client.load(cache, [('effnet_v1_b1.aa_in1k', {})]).line()
@@ -474,6 +484,7 @@ def test_tarball_of_another_variant_is_refused_and_not_cached(client, bucket, tm
     assert not list(cache.glob('effnet_v1_b1*')) and not list(cache.rglob('*.tar.gz*'))
 
 
+@pytest.mark.oracle
 def test_bare_name_loads_its_default_tag_from_its_official_path(client, bucket, tmp_path, official):
     seen = len(bucket.requests)
     specs = [('effnet_v1_b0', {}), ('effnet_v1_b0', dict(pretrained_cfg='ns_jft_in1k'))]
@@ -510,6 +521,7 @@ class SilentHub:
             conn.close()
 
 
+@pytest.mark.oracle
 def test_unreachable_hub_is_tried_once_then_the_bucket(client, bucket, tmp_path, official):
     """huggingface_hub alone would retry a silent Hub with backoff (6 tries, ~25 s); the resolver asks once."""
     hub = SilentHub()
@@ -539,6 +551,7 @@ timm.create_model({NAME!r}, pretrained=True)
 # --- the Hub first, mirrors ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.oracle
 def test_published_hub_repo_is_used_and_the_bucket_not_asked(client, bucket, hub, first_use, tmp_path, official):
     cache, first, _, _ = first_use
     repo_id = 'effnet-timm/effnet_v1_b0.in1k'
@@ -557,6 +570,7 @@ def test_published_hub_repo_is_used_and_the_bucket_not_asked(client, bucket, hub
     assert not (tmp_path / 'cache' / 'effnet_v1_b0.in1k').exists()
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize('style', ['file-url', 'folder'])
 def test_local_mirror(client, bucket, official, tmp_path, style):
     mirror = tmp_path / 'mirror'
@@ -576,6 +590,7 @@ def test_local_mirror(client, bucket, official, tmp_path, style):
 # --- download() alone (in this process: no Hub involved) --------------------------------------------------------
 
 
+@pytest.mark.oracle
 def test_download_checks_every_goog_hash_and_length(bucket, tmp_path):
     data = os.urandom(300_000)
     bucket.files['/x/blob.tar.gz'] = data
@@ -588,6 +603,7 @@ def test_download_checks_every_goog_hash_and_length(bucket, tmp_path):
     assert list(tmp_path.iterdir()) == [tmp_path / 'blob.tar.gz']  # nothing half-written kept
 
 
+@pytest.mark.oracle
 def test_resume_of_a_file_that_changed_meanwhile_restarts(bucket, tmp_path):
     """If-Range: bytes kept from an older version of the file are never glued to a newer one."""
     old, new = os.urandom(200_000), os.urandom(200_000)
@@ -605,6 +621,7 @@ def test_resume_of_a_file_that_changed_meanwhile_restarts(bucket, tmp_path):
 # --- the README's first example, `effnet-timm download` ---------------------------------------------------------
 
 
+@pytest.mark.oracle
 def test_readme_first_example_works_as_written(client, bucket, tmp_path):
     import re
 
@@ -632,6 +649,7 @@ def _table(out: str) -> list[list[str]]:
     return [line.split() for line in lines[1:-1]]
 
 
+@pytest.mark.oracle
 def test_download_command_fills_the_cache_then_skips_it(cli_env, bucket, official, client, capsys):
     import hashlib
 
@@ -664,6 +682,7 @@ def test_download_command_fills_the_cache_then_skips_it(cli_env, bucket, officia
     assert bucket.requests[seen:] == []
 
 
+@pytest.mark.oracle
 def test_download_command_reports_each_failure_and_fills_the_rest(cli_env, bucket, capsys):
     from effnet_timm_cli import main
 
@@ -680,6 +699,7 @@ def test_download_command_reports_each_failure_and_fills_the_rest(cli_env, bucke
     assert not _untrusted(cli_env, 'effnet_v1_b0', 'ap_in1k') and _untrusted(cli_env, 'effnet_v1_b2')
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize(
     'argv, fragment',
     [
@@ -718,6 +738,7 @@ def test_download_command_names_tag_and_all():
     ]  # --tag is for the bare names
 
 
+@pytest.mark.oracle
 def test_download_command_interrupted_leaves_nothing_half_written(bucket, official, tmp_path, client):
     cache = tmp_path / 'cache'
     part = cache / '.tmp' / NAME / 'download' / 'efficientnet-b0.tar.gz.part'
@@ -748,6 +769,7 @@ def test_download_command_interrupted_leaves_nothing_half_written(bucket, offici
     ]  # only the resumable download
 
 
+@pytest.mark.oracle
 def test_progress_bar_only_on_a_terminal_or_when_asked(bucket, tmp_path, capsys):
     bucket.files['/x/progress.tar.gz'] = os.urandom(100_000)
     url = f'{bucket.root}/x/progress.tar.gz'
@@ -758,6 +780,7 @@ def test_progress_bar_only_on_a_terminal_or_when_asked(bucket, tmp_path, capsys)
     assert '%|' in capsys.readouterr().err
 
 
+@pytest.mark.oracle
 def test_local_dir_folder_with_a_flipped_byte_is_refused(first_use, tmp_path):
     """`local-dir:` loads are explicit (no resolver), but their recorded sha256 is still checked: a flipped
     weight byte loads strictly and would silently change the logits."""
@@ -777,6 +800,7 @@ def test_local_dir_folder_with_a_flipped_byte_is_refused(first_use, tmp_path):
     assert '\n' not in str(err.value) and 'model.safetensors' in str(err.value)
 
 
+@pytest.mark.oracle
 def test_two_threads_of_one_process_fill_an_entry_once(bucket, tmp_path, monkeypatch, official):
     """fcntl locks are per process on some systems; the entry lock must also keep threads apart."""
     from concurrent.futures import ThreadPoolExecutor
@@ -821,6 +845,7 @@ def test_official_locations_and_cache_root(monkeypatch, tmp_path):
     assert cache_root(tmp_path / 'timm-cache-dir') == tmp_path / 'timm-cache-dir' / 'effnet_timm'
 
 
+@pytest.mark.oracle
 def test_unwritable_cache_is_one_line(bucket, tmp_path, monkeypatch, capsys):
     from effnet_timm_cli import main
 
@@ -834,6 +859,7 @@ def test_unwritable_cache_is_one_line(bucket, tmp_path, monkeypatch, capsys):
     assert bucket.requests[seen:] == []
 
 
+@pytest.mark.oracle
 def test_full_disk_is_one_line_without_retries_and_frees_the_partial_file(bucket, tmp_path):
     import resource
 
@@ -864,6 +890,7 @@ def test_record_does_not_rehash_files_the_converter_recorded(tmp_path, monkeypat
     assert json.loads((tmp_path / 'config.json').read_text())['effnet_timm']['cache'] == {'source': 'x'}
 
 
+@pytest.mark.oracle
 def test_complete_part_of_a_killed_download_is_verified_not_fetched_again(bucket, tmp_path, monkeypatch):
     """Killed after the last byte was written, before verify and rename: the next call asks nothing (it used to
     send `Range: bytes=<size>-`, get 416 and start over), and still checks the bytes against X-Goog-Hash."""
@@ -895,6 +922,7 @@ def test_complete_part_of_a_killed_download_is_verified_not_fetched_again(bucket
     assert got.path.read_bytes() == data and got.requests == 1
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize('value', ['two', '0', '-1'])
 def test_bad_download_attempts_variable_is_one_line(bucket, tmp_path, monkeypatch, value):
     from effnet_timm.errors import InputError
@@ -906,6 +934,7 @@ def test_bad_download_attempts_variable_is_one_line(bucket, tmp_path, monkeypatc
     assert f'EFFNET_TIMM_DOWNLOAD_ATTEMPTS={value!r}' in str(err.value) and '\n' not in str(err.value)
 
 
+@pytest.mark.oracle
 def test_full_disk_while_filling_is_one_line_the_batch_goes_on_and_the_tarball_is_reused(
     cli_env, bucket, official, capsys, monkeypatch
 ):
@@ -944,6 +973,7 @@ def test_full_disk_while_filling_is_one_line_the_batch_goes_on_and_the_tarball_i
     assert not list((cli_env / '.tmp' / NAME / 'download').iterdir())  # and then not kept
 
 
+@pytest.mark.oracle
 def test_kept_tarball_that_changed_on_disk_is_fetched_again(cli_env, bucket, official, monkeypatch):
     from effnet_timm import weights_cache
 
@@ -966,6 +996,7 @@ def test_kept_tarball_that_changed_on_disk_is_fetched_again(cli_env, bucket, off
     assert len(bucket.gets(AA)) == seen + 1 and entry.fetched_now and not _untrusted(cli_env)
 
 
+@pytest.mark.oracle
 def test_download_command_honours_hf_hub_disable_progress_bars(cli_env, bucket, monkeypatch):
     from effnet_timm import download as dl
     from effnet_timm_cli import main
@@ -982,6 +1013,7 @@ def test_download_command_honours_hf_hub_disable_progress_bars(cli_env, bucket, 
     assert asked == [False]
 
 
+@pytest.mark.oracle
 def test_full_disk_while_converting_keeps_the_downloaded_tarball(cli_env, bucket, official, monkeypatch):
     """The converter reports a full disk as a CheckpointError like a bad tarball; the tarball is still kept."""
     import resource
