@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -25,7 +28,10 @@ MANIFESTS = OFFICIAL / 'manifests'
 TINY_CKPT = REPO / 'convert' / 'effnet_convert' / 'demo' / 'efficientnet-tiny' / 'model.ckpt'
 SAMPLES = REPO / 'convert' / 'effnet_convert' / 'samples'
 
-torch.set_num_threads(max(1, os.cpu_count() or 1))
+# Under pytest-xdist the cores are shared between the workers: one worker per core runs faster than every
+# worker spawning a thread per core (oversubscription), and gives the same numbers (thread counts do not
+# change the CPU kernels' results the tests compare).
+torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get('PYTEST_XDIST_WORKER_COUNT') or 1)))
 
 # CI must run the oracle tests, not skip them: with CI set (CI=true, as CI services set it) or
 # EFFNET_TIMM_REQUIRE_ORACLES=1, a missing TensorFlow or ../shared fails the test that needs it.
@@ -185,6 +191,10 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         'markers', "oracle: needs TensorFlow or ../shared; -m 'not oracle' is the quick subset that needs neither"
     )
+    # Progress by file on the pytest-xdist controller at the default verbosity (-v keeps a line per test).
+    workers = getattr(config.option, 'numprocesses', None)
+    if workers and not hasattr(config, 'workerinput') and config.option.verbose <= 0:
+        config.pluginmanager.register(FileProgress(config), 'effnet_timm_file_progress')
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -200,3 +210,59 @@ def _require_oracle_mark() -> None:
     item = _current_item
     if item is not None and item.get_closest_marker('oracle') is None:
         pytest.fail(f'{item.nodeid} {UNMARKED}', pytrace=False)
+
+
+# ----------------------------------------------------------------------------- progress by file
+
+
+class FileProgress:
+    """One line per finished test file instead of pytest-xdist's row of dots (the default test command runs
+    on several workers, whose dots say nothing about where the run is)."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.total: collections.Counter[str] = collections.Counter()
+        self.outcomes: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+        self.worst: dict[str, str] = {}
+        self.first_report: dict[str, float] = {}
+        self.finished = 0
+
+    def pytest_xdist_node_collection_finished(self, node: Any, ids: list[str]) -> None:
+        if not self.total:  # every worker collects the same tests
+            self.total.update(_file_of(nodeid) for nodeid in ids)
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_report_teststatus(self, report: pytest.TestReport) -> tuple[str, str, str] | None:
+        """Counted as pytest counts it, but no letter: the file's line says how its tests went."""
+        if hasattr(report, 'wasxfail'):
+            return None  # pytest's own wording
+        if report.when == 'call':
+            return report.outcome, '', ''
+        if report.failed:
+            return 'error', '', ''
+        return ('skipped' if report.skipped else ''), '', ''
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        file = _file_of(report.nodeid)
+        self.first_report.setdefault(file, time.monotonic())
+        rank = {'passed': 0, 'skipped': 1, 'failed': 2}
+        outcome = 'error' if report.failed and report.when != 'call' else report.outcome
+        previous = self.worst.get(report.nodeid, 'passed')
+        if rank.get(outcome, 2) >= rank.get(previous, 2) and outcome != 'passed':
+            self.worst[report.nodeid] = outcome
+        if report.when != 'teardown':
+            return
+        self.outcomes[file][self.worst.pop(report.nodeid, 'passed')] += 1
+        self.finished += 1
+        if sum(self.outcomes[file].values()) == self.total.get(file, -1):
+            counts = ', '.join(f'{n} {kind}' for kind, n in sorted(self.outcomes[file].items()))
+            seconds = time.monotonic() - self.first_report[file]
+            percent = 100 * self.finished // max(1, sum(self.total.values()))
+            self.config.pluginmanager.getplugin('terminalreporter').write_line(
+                f'[{percent:3d}%] {file}: {counts} ({seconds:.0f} s)'
+            )
+
+
+def _file_of(nodeid: str) -> str:
+    return nodeid.split('::')[0]
