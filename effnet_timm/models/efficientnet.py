@@ -193,16 +193,23 @@ class EffNetV1(nn.Module):
         stop_early: bool = False,
         output_fmt: str = 'NCHW',
         intermediates_only: bool = False,
+        extra_blocks: bool = False,
     ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Features at the `feature_info` levels (strides 2, 4, 8, 16, 32), optionally with the final map."""
+        """Features at the `feature_info` levels (strides 2, 4, 8, 16, 32), optionally with the final map.
+
+        Args as timm's EfficientNet: with `extra_blocks`, `indices` count the stem (0) and every stage
+        (1..7) instead of the `feature_info` levels, as generic timm callers expect.
+        """
         if not torch.jit.is_scripting():
             if self._recomputes_activations():  # features_only models train through here
                 with recompute_activations():
-                    out = self._forward_intermediates(x, indices, stop_early, output_fmt, intermediates_only)
+                    out = self._forward_intermediates(
+                        x, indices, stop_early, output_fmt, intermediates_only, extra_blocks
+                    )
                 if intermediates_only:
                     return [strip_recipe(t) for t in out]
                 return strip_recipe(out[0]), [strip_recipe(t) for t in out[1]]
-        return self._forward_intermediates(x, indices, stop_early, output_fmt, intermediates_only)
+        return self._forward_intermediates(x, indices, stop_early, output_fmt, intermediates_only, extra_blocks)
 
     def _forward_intermediates(
         self,
@@ -211,15 +218,19 @@ class EffNetV1(nn.Module):
         stop_early: bool,
         output_fmt: str,
         intermediates_only: bool,
+        extra_blocks: bool = False,
     ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
         assert output_fmt == 'NCHW', 'Output format must be NCHW.'
-        take_indices, max_index = feature_take_indices(len(self.stage_ends), indices)
-        take_stages = [self.stage_ends[i] for i in take_indices]
-        last_stage = self.stage_ends[max_index]
+        if extra_blocks:  # 0: the stem, 1..: each stage
+            take_stages, last_stage = feature_take_indices(len(self.blocks) + 1, indices)
+        else:
+            take_indices, max_index = feature_take_indices(len(self.stage_ends), indices)
+            take_stages = [self.stage_ends[i] for i in take_indices]
+            last_stage = self.stage_ends[max_index]
 
         x = self.act1(self.bn1(self.conv_stem(x)))
+        intermediates = [x] if 0 in take_stages else []
         stages = self.blocks[:last_stage] if stop_early and not torch.jit.is_scripting() else self.blocks
-        intermediates = []
         stage_idx = 0
         for stage_idx, stage in enumerate(stages, start=1):
             x = stage(x)  # checkpoints its blocks itself when enabled

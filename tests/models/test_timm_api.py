@@ -210,3 +210,19 @@ def test_torch_compile_fullgraph_matches_eager():
 def test_pretrained_cfg_values_resolve():
     assert get_pretrained_cfg_value('effnet_v1_b3.aa_in1k', 'input_size') == (3, 300, 300)
     assert timm.data.resolve_data_config({}, model=timm.create_model('effnet_v1_b3.aa_in1k'))['crop_pct'] == 0.903
+
+
+def test_forward_intermediates_extra_blocks_as_timms_efficientnet(b0):
+    # timm's tf_efficientnet_b0 is the reference: the same state dict, its own forward_intermediates.
+    reference = timm.create_model('tf_efficientnet_b0').eval()
+    reference.load_state_dict(b0.state_dict())
+    x = torch.randn(1, *SMALL)
+    with torch.inference_mode():
+        for kwargs in ({}, dict(indices=[0, 3, 7]), dict(indices=2, stop_early=True)):
+            final, inter = b0.forward_intermediates(x, extra_blocks=True, **kwargs)
+            ref_final, ref_inter = reference.forward_intermediates(x, extra_blocks=True, **kwargs)
+            assert len(inter) == len(ref_inter), kwargs
+            torch.testing.assert_close(inter, ref_inter, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(final, ref_final, rtol=1e-4, atol=1e-4)
+        only = b0.forward_intermediates(x, indices=[0, 1], extra_blocks=True, intermediates_only=True)
+    assert [t.shape[1] for t in only] == [32, 16]  # the stem, then stage 1
