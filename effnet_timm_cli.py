@@ -35,6 +35,76 @@ def positive_int(text: str) -> int:
     return value
 
 
+# ----------------------------------------------------------------------------- checks before the heavy imports
+
+# effnet_timm's registered models and their pretrained tags (default first), copied here so that a mistyped name
+# is answered before torch loads; tests/commands/test_cli_predict_info.py checks the copy against the registry.
+MODEL_TAGS: dict[str, tuple[str, ...]] = {
+    'effnet_v1': (),
+    **{f'effnet_v1_b{i}': ('ns_jft_in1k', 'ap_in1k', 'aa_in1k', 'in1k') for i in range(5)},
+    'effnet_v1_b5': ('ns_jft_in1k', 'ap_in1k', 'ra_in1k', 'aa_in1k', 'in1k'),
+    'effnet_v1_b6': ('ns_jft_in1k', 'ap_in1k', 'aa_in1k'),
+    'effnet_v1_b7': ('ns_jft_in1k', 'ap_in1k', 'ra_in1k', 'aa_in1k'),
+    'effnet_v1_b8': ('ap_in1k', 'ra_in1k'),
+    'effnet_v1_l2': ('ns_jft_in1k_475', 'ns_jft_in1k'),
+}
+TAG_NAMES = ('ns_jft_in1k_475', 'ns_jft_in1k', 'ap_in1k', 'ra_in1k', 'aa_in1k', 'in1k')  # effnet_timm.TAGS' order
+
+
+def model_name_error(name: str) -> str | None:
+    """Why ``name`` (MODEL or MODEL.TAG) is no registered model or pretrained tag; None when it is one."""
+    arch, _, tag = name.partition('.')
+    if arch not in MODEL_TAGS:
+        return f"unknown model '{name}' (known: {', '.join(MODEL_TAGS)})"
+    if tag and tag not in MODEL_TAGS[arch]:
+        return f"{arch} has no pretrained tag '{tag}' (tags: {', '.join(MODEL_TAGS[arch]) or 'none'})"
+    return None
+
+
+def _model_and_weights_error(args: argparse.Namespace) -> str | None:
+    if args.model is None and args.weights is None:
+        return 'give --model, --weights, or both'
+    if args.weights is not None and not args.weights.exists():
+        return f'{args.weights}: no such file or folder'
+    return model_name_error(args.model) if args.model is not None else None
+
+
+def _download_names_error(args: argparse.Namespace) -> str | None:
+    if args.tag is not None and args.tag not in TAG_NAMES:
+        return f"unknown tag '{args.tag}' (known: {', '.join(TAG_NAMES)})"
+    if not (args.models or args.tag or args.all):
+        return 'name the models (MODEL.TAG ...), a --tag, or --all'
+    official = [arch for arch, tags in MODEL_TAGS.items() if tags]
+    for name in [] if args.all else args.models:
+        arch, _, tag = name.partition('.')
+        if arch not in official:
+            return f"'{name}': not a model with official weights (known: {', '.join(sorted(official))})"
+        tag = tag or args.tag or MODEL_TAGS[arch][0]
+        if tag not in MODEL_TAGS[arch]:
+            return f"'{arch}.{tag}': no such official checkpoint ({arch} has: {', '.join(MODEL_TAGS[arch])})"
+    return None
+
+
+def early_error(args: argparse.Namespace) -> str | None:
+    """The first mistake in the arguments that needs no library to see: an unknown model or tag, a missing
+    file. Checked before the command's imports (torch, timm: seconds), so that a typo is answered at once; the
+    library checks the same things again, with the same words."""
+    if args.command == 'predict':
+        missing = next((path for path in args.images if not path.exists()), None)
+        if missing is not None:
+            return f'{missing}: cannot read image: no such file or folder'
+        return _model_and_weights_error(args)
+    if args.command == 'validate':
+        if not args.dataset and not args.data.exists():
+            return f'{args.data}: no such folder'
+        return _model_and_weights_error(args)
+    if args.command == 'info':
+        return model_name_error(args.model) if args.model else None
+    if args.command == 'download':
+        return _download_names_error(args)
+    return None
+
+
 # ----------------------------------------------------------------------------- predict
 
 
@@ -120,6 +190,7 @@ def _run_info(args: argparse.Namespace) -> int:
 
 
 def _run_arguments(p: argparse.ArgumentParser) -> None:
+    p.epilog = timm_scripts_hint() + '.'
     # One REMAINDER positional for SCRIPT and its arguments: with SCRIPT a positional of its own, argparse
     # would eat a `--` right after it, which `python SCRIPT -- ...` passes on.
     p.add_argument(
@@ -131,10 +202,33 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+TIMM_SCRIPTS = ('train.py', 'validate.py', 'inference.py', 'benchmark.py', 'avg_checkpoints.py')
+TIMM_REPO_RAW = 'https://raw.githubusercontent.com/huggingface/pytorch-image-models'
+
+
+def timm_scripts_hint() -> str:
+    """Where timm's scripts of the installed timm version are (they are in its repository, not its wheel)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        tag = f'v{version("timm")}'
+    except PackageNotFoundError:
+        tag = 'main'
+    return (
+        f"timm's {', '.join(TIMM_SCRIPTS[:2])} are not in its wheel; for the installed timm: "
+        f'curl -LO {TIMM_REPO_RAW}/{tag}/train.py (or validate.py)'
+    )
+
+
 def _run_run(args: argparse.Namespace) -> int:
     argv = args.argv[1:] if args.argv[:1] == ['--'] else args.argv
     if not argv:
         print(f'{PROG} run: error: the following arguments are required: SCRIPT', file=sys.stderr)
+        return 2
+    script = Path(argv[0])
+    if not script.exists():  # before torch loads
+        hint = f'; {timm_scripts_hint()}' if script.name in TIMM_SCRIPTS else ''
+        print(f'{PROG}: error: {script}: no such script{hint}', file=sys.stderr)
         return 2
     from effnet_timm.commands.scripts import run_script
 
@@ -152,13 +246,13 @@ def _validate_arguments(p: argparse.ArgumentParser) -> None:
         help='ImageNet-val: a folder of synset folders (n01440764/...), a flat folder of '
         'ILSVRC2012_val_*.JPEG with its ground-truth file, or what --dataset names',
     )
-    p.add_argument('--model', help='effnet_v1_bN[.tag] (optional with a --weights folder: read from its config.json)')
+    p.add_argument('--model', help='effnet_v1_bN[.tag] (optional with weights made by effnet-convert: they record it)')
     p.add_argument(
         '--weights',
         type=Path,
         metavar='FILE|DIR',
-        help='a folder written by effnet-convert, or a model.safetensors file (needs --model); '
-        'default: the pretrained weights of the --model tag',
+        help='a folder written by effnet-convert, or a model.safetensors file (another safetensors file needs '
+        '--model); default: the pretrained weights of the --model tag',
     )
     p.add_argument(
         '--dataset',
@@ -211,7 +305,11 @@ def _validate_arguments(p: argparse.ArgumentParser) -> None:
         'crop_pct, interpolation) and num_images',
     )
     p.add_argument('--per-image', type=Path, metavar='PATH.csv', help='path, label and top-5 classes of every image')
-    p.add_argument('--no-progress', action='store_true', help='no progress bar')
+    p.add_argument(
+        '--no-progress',
+        action='store_true',
+        help='no progress bar (there is none either when stderr is not a terminal)',
+    )
     p.add_argument('--json', action='store_true', help='print the whole result as JSON')
 
 
@@ -240,7 +338,7 @@ def _run_validate(args: argparse.Namespace) -> int:
         limit=args.limit,
         device=args.device,
         skip_bad=args.skip_bad,
-        progress=not args.no_progress,
+        progress=not args.no_progress and sys.stderr.isatty(),  # a bar in a pipe or a log is noise
     )
     if result is None:  # a torchrun rank other than 0: rank 0 reports
         return 0
@@ -339,6 +437,10 @@ def _user_error(err: BaseException) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    error = early_error(args)
+    if error is not None:
+        print(f'{PROG}: error: {error}', file=sys.stderr)
+        return 2
     try:
         return args.run(args)
     except KeyboardInterrupt:

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 DEMO_CHECKPOINT = Path(__file__).resolve().parent / 'demo' / 'efficientnet-tiny'
 DEMO_IMAGE_SIZE = 96
+MAX_IMAGE_SIZE = 4096  # effnet_convert.converter.MAX_IMAGE_SIZE (a copy: checked before torch loads)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -67,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     if source is None:
         source = str(DEMO_CHECKPOINT)
         image_size = DEMO_IMAGE_SIZE if image_size is None else image_size
+    error = _early_error(source, args.variant, args.tag, image_size)
+    if error is not None:
+        print(f'effnet-convert: error: {error}', file=sys.stderr)
+        return 2
     from effnet_timm.errors import InputError
 
     try:
@@ -83,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             sha256=args.sha256,
             verify=args.verify,
             overwrite=args.overwrite,
-            progress=not args.quiet,
+            progress=not args.quiet and sys.stderr.isatty(),  # a bar in a pipe or a log is noise
         )
     except InputError as err:
         print(f'effnet-convert: error: {err}', file=sys.stderr)
@@ -96,6 +101,23 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     return 0
+
+
+def _early_error(source: str, variant: str | None, tag: str | None, image_size: int | None) -> str | None:
+    """A mistake in the arguments seen without torch (the converter checks again, with the same words)."""
+    from effnet_timm_cli import MODEL_TAGS, TAG_NAMES  # the light copy of the registry's names
+
+    if image_size is not None and not 1 <= image_size <= MAX_IMAGE_SIZE:
+        return f'image size {image_size}: expected a whole number of pixels, 1 to {MAX_IMAGE_SIZE}'
+    if tag is not None and tag not in TAG_NAMES:
+        return f"unknown tag '{tag}' (known: {', '.join(TAG_NAMES)})"
+    official = [name for name, tags in MODEL_TAGS.items() if tags]
+    if variant is not None and variant not in MODEL_TAGS:
+        return f"unknown variant '{variant}' (known: {', '.join(official)})"
+    path = Path(source).expanduser()
+    if not source.startswith(('http://', 'https://')) and not path.exists() and not Path(f'{path}.index').exists():
+        return f'{path}: not a checkpoint directory, prefix, .index file, .tar.gz/.tgz/.tar or URL (no {path}.index)'
+    return None
 
 
 def summary(result: ConversionResult) -> str:
