@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
-from timm.models._builder import _resolve_pretrained_source
 
+from .compat import resolve_pretrained_source
 from .errors import PretrainedWeightsError, first_line
 from .models.config import VARIANTS
 from .models.efficientnet import EffNetV1
@@ -32,7 +32,7 @@ default_cfgs = generate_default_cfgs(
 
 def _weights_source(cfg) -> str:
     """Where timm will load weights from, or '' if nowhere (timm would then silently keep random weights)."""
-    load_from, location = _resolve_pretrained_source(cfg.to_dict())
+    load_from, location = resolve_pretrained_source(cfg.to_dict())
     if not load_from:
         return ''
     return load_from if load_from == 'state_dict' else f'{load_from} {location}'

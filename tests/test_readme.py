@@ -106,7 +106,7 @@ def test_every_imported_package_is_declared():
     declared = runtime.union(*(_requirement_names(extra) for extra in project['optional-dependencies'].values()))
     declared |= {'tensorflow', 'keras'}  # the `test` extra's tensorflow-cpu (keras comes with it)
     dists = importlib.metadata.packages_distributions()
-    sources = sorted((REPO / 'effnet_timm').glob('*.py')) + sorted((REPO / 'convert').glob('*.py'))
+    sources = sorted((REPO / 'effnet_timm').rglob('*.py')) + sorted((REPO / 'convert' / 'effnet_convert').rglob('*.py'))
     sources.append(REPO / 'effnet_timm_cli.py')
 
     def dist(module: str) -> str:

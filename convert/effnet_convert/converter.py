@@ -479,7 +479,7 @@ def _source_files(resolved: ResolvedSource) -> list[dict[str, str]]:
 def _write_folder(
     folder: Path, model: torch.nn.Module, weights: Weights, result: ConversionResult, resolved: ResolvedSource
 ) -> None:
-    from timm.models._hub import save_config_for_hf
+    from effnet_timm.compat import save_config_for_hf
 
     arch = weights.architecture
     metadata = {

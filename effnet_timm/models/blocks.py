@@ -13,8 +13,8 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 from timm.layers import DropPath
-from timm.models._efficientnet_blocks import SqueezeExcite
 
+from ..compat import SqueezeExcite
 from .config import BlockConfig
 from .layers import create_conv
 from .recompute import attach_recipe, recipe_of

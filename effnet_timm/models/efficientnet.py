@@ -12,9 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from timm.layers import create_classifier, get_device_dtype
-from timm.models._efficientnet_builder import efficientnet_init_weights
-from timm.models._features import feature_take_indices
 
+from ..compat import efficientnet_init_weights, feature_take_indices
 from .blocks import create_block
 from .config import BlockConfig, block_table, head_filters, stem_filters
 from .layers import create_conv

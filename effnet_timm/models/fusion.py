@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..compat import convolution_pointwise, mkldnn_convolution_pointwise
 from .blocks import DepthwiseSeparable, InvertedResidual
 from .efficientnet import EffNetV1
 from .layers import Conv2dTfSame
@@ -35,7 +36,7 @@ _CONV_BN_ACT = {
 
 
 def _mkldnn_fusion_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, '_convolution_pointwise')
+    return mkldnn_convolution_pointwise() is not None
 
 
 class FusedConv2d(Conv2dTfSame):
@@ -72,7 +73,7 @@ class FusedConv2d(Conv2dTfSame):
 
     def _conv(self, x: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor:
         if self._use_fused_kernel(x):
-            return torch.ops.mkldnn._convolution_pointwise(
+            return convolution_pointwise(
                 x,
                 self.weight,
                 self.bias,

@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from ..compat import saved_tensors_hooks_outer_active
+
 __all__ = ['Recompute', 'attach_recipe', 'recipe_of', 'recompute_activations', 'recording', 'strip_recipe']
 
 _RECIPE_ATTR = '_effnet_recompute'
@@ -165,8 +167,4 @@ def recompute_activations() -> Iterator[None]:
 
 
 def _outer_hooks_active() -> bool:
-    autograd = torch._C._autograd
-    if hasattr(autograd, '_saved_tensors_hooks_is_enabled') and not autograd._saved_tensors_hooks_is_enabled():
-        return True  # hooks are disabled here (and pushing ours would raise)
-    top = getattr(autograd, '_top_saved_tensors_default_hooks', None)  # private, present since torch 1.10
-    return top is not None and top(False) is not None
+    return saved_tensors_hooks_outer_active()  # torch internals: effnet_timm/compat.py
