@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 import effnet_timm  # noqa: F401  (registers the architectures with timm)
+from effnet_timm.files import new_file_mode
 from effnet_timm.weights.integrity import file_digests
 from effnet_timm.weights.tags import TAGS, official_url, pretrained_cfg
 
@@ -498,7 +499,7 @@ def _write_folder(
     }
     state = {k: v.contiguous() for k, v in model.state_dict().items() if not k.endswith('num_batches_tracked')}
     save_file(state, str(folder / 'model.safetensors'), metadata=metadata)
-    os.chmod(folder / 'model.safetensors', 0o666 & ~_umask())  # safetensors creates it private
+    os.chmod(folder / 'model.safetensors', new_file_mode(folder))  # safetensors creates it private
     save_config_for_hf(model, str(folder / 'config.json'), model_args=arch.model_args)
     _add_provenance(folder / 'config.json', metadata, result, file_digests(folder))
     from .model_card import model_card
@@ -509,12 +510,6 @@ def _write_folder(
 def _public_source(origin: str) -> str:
     """The source as it may be published: a URL as given, a local path by its name only."""
     return origin if '://' in origin else Path(origin.rstrip('/')).name
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _add_provenance(

@@ -15,7 +15,6 @@ import io
 import json
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from PIL import Image
 
 from ..data.datasets import EvalDataset, ImageSource, open_imagenet_val
 from ..errors import InputError
+from ..files import write_atomic
 from ..weights.tags import TAGS
 from .predict import CROPS, _tf_transform, load_model, mean_std_name, timm_aligned_config
 
@@ -569,19 +569,4 @@ def _write_atomic(path: Path, text: str) -> None:
     path = Path(path)
     if not path.parent.is_dir():
         raise InputError(f'{path}: its folder does not exist')
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    try:
-        # mkstemp makes the file 0600; a results file gets the mode open() would give it under the umask.
-        os.chmod(tmp, 0o666 & ~_umask())
-        with os.fdopen(fd, 'w', newline='') as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)  # the only portable way to read it is to set it
-    os.umask(mask)
-    return mask
+    write_atomic(path, text)  # with the mode open() gives any new file under the umask
