@@ -6,7 +6,6 @@ import dataclasses
 import importlib.util
 import io
 import json
-import math
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +20,7 @@ from timm.data import ImageNetInfo, create_transform, infer_imagenet_subset, res
 from timm.models import PretrainedCfg, split_model_name_tag
 
 from ..data.datasets import IMAGE_EXTENSIONS
-from ..data.preprocessing import TfEvalTransform, create_tf_transform, decode_image
+from ..data.preprocessing import TfEvalTransform, create_tf_transform, crop_pct_for, decode_image
 from ..errors import InputError, first_line
 from ..weights.integrity import verify_folder
 from ..weights.tags import TAGS, pretrained_cfg
@@ -274,13 +273,7 @@ def timm_aligned_config(data_config: dict[str, Any], transform: TfEvalTransform)
     ``image_size + crop_padding`` that ``transform`` crops with, so that comparing the two isolates the
     resize and decoder differences from the crop convention. Rounding size/(size + padding) to nearest can
     land a pixel short in timm's ``floor(size / crop_pct)`` (e.g. 0.9494 at 600 gives 631, not 632)."""
-    size, target = transform.image_size, transform.image_size + transform.crop_padding
-    k = size * 10000 // target  # size / target cut to 4 decimals, in exact integer arithmetic
-    while math.floor(size / (k / 10000)) < target:  # float division may still fall short
-        k -= 1
-    if math.floor(size / (k / 10000)) != target:
-        raise ValueError(f'no 4-decimal crop_pct makes timm resize {size} px to {target} px')
-    return dict(data_config, crop_pct=k / 10000)
+    return dict(data_config, crop_pct=crop_pct_for(transform.image_size, transform.crop_padding, decimals=4))
 
 
 def _tf_input(transform: TfEvalTransform, data: bytes) -> torch.Tensor:

@@ -228,6 +228,22 @@ def _padding_from_crop_pct(image_size: int, crop_pct: float) -> int:
     return math.floor(image_size / crop_pct) - image_size
 
 
+def crop_pct_for(image_size: int, crop_padding: int = PUBLISHED_CROP_PADDING, decimals: int = 3) -> float:
+    """The crop_pct for which timm's eval transform resizes to ``image_size + crop_padding``, as the official
+    crop does: the largest one with ``decimals`` decimals (more where that many cannot say it: from about
+    1000 px at 3) for which ``floor(image_size / crop_pct)`` is exactly that size. The one crop_pct rule of
+    effnet_timm (the pretrained cfgs, and timm's transform aligned to the official crop for comparison)."""
+    target = image_size + crop_padding
+    for places in range(decimals, 10):
+        scale = 10**places
+        k = image_size * scale // target  # image_size / target cut to `places` decimals, in exact integers
+        while k > 0 and _padding_from_crop_pct(image_size, k / scale) < crop_padding:  # float division may fall short
+            k -= 1
+        if k > 0 and _padding_from_crop_pct(image_size, k / scale) == crop_padding:
+            return k / scale
+    raise ValueError(f'no crop_pct makes timm resize {image_size} px to {target} px')
+
+
 def tf_center_crop_window(height: int, width: int, image_size: int, crop_padding: int) -> tuple[int, int, int, int]:
     """The official ``crop_window`` ``(offset_h, offset_w, side, side)`` for an image of h x w."""
     # The Python float64 ratio becomes a float32 constant in the graph; the product is float32

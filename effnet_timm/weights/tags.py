@@ -8,6 +8,7 @@ from typing import Any
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 
+from ..data.preprocessing import crop_pct_for  # the published 32 px padding, as timm's crop_pct
 from ..models.config import VARIANTS
 
 __all__ = ['HUB_ORG', 'OFFICIAL_CKPT_ROOT', 'TagSpec', 'TAGS', 'hub_repo_id', 'pretrained_cfg', 'default_cfg_table']
@@ -83,12 +84,6 @@ def hub_repo_id(variant: str, tag: str) -> str:
 def official_url(variant: str, tag: str, root: str = OFFICIAL_CKPT_ROOT) -> str:
     """The official tarball of `variant.tag` under `root` (the bucket, or a mirror laid out like it)."""
     return root + TAGS[tag].url_pattern.format(n=variant.rsplit('_', 1)[-1])
-
-
-def crop_pct_for(size: int) -> float:
-    """The published-table eval crop, size/(size+32), cut to 3 decimals so timm's `floor(size/crop_pct)`
-    still gives size+32."""
-    return math.floor(size / (size + 32) * 1000) / 1000
 
 
 def pretrained_cfg(

@@ -340,3 +340,19 @@ def test_advprop_config_gives_official_advprop_scaling():
 def test_non_square_input_size_is_rejected():
     with pytest.raises(ValueError, match='square'):
         create_tf_transform(dict(input_size=(3, 224, 256), mean=(0.5,) * 3, std=(0.5,) * 3))
+
+
+def test_one_crop_pct_rule_resizes_to_the_official_size_at_every_size():
+    # timm resizes to floor(size / crop_pct); the official crop resizes to size + 32 (or + padding).
+    from effnet_timm.data.preprocessing import crop_pct_for
+    from effnet_timm.weights.tags import pretrained_cfg
+
+    for size in range(1, 4097):
+        crop_pct = crop_pct_for(size)
+        assert math.floor(size / crop_pct) == size + 32, size
+        assert crop_pct == round(crop_pct, 3) or size >= 900, size  # 3 decimals, as timm's tf_ configs, up to ~1000
+    for size, padding in ((600, 32), (224, 32), (96, 14), (1000, 32), (2000, 286)):
+        assert math.floor(size / crop_pct_for(size, padding, decimals=4)) == size + padding
+    assert crop_pct_for(224) == 0.875 and crop_pct_for(600) == 0.949  # the published tables' values
+    cfg = pretrained_cfg('effnet_v1_b0', 'aa_in1k', 1000)  # a conversion at --image-size 1000
+    assert math.floor(1000 / cfg['crop_pct']) == 1032
