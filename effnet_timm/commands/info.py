@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..weights.tags import pretrained_cfg
-from .predict import known_tags, mean_std_name, split_known_name
+from .loading import known_tags, split_known_name
+from .predict import mean_std_name
 
 __all__ = ['variant_info', 'format_info']
 

@@ -31,7 +31,8 @@ from ..data.datasets import EvalDataset, ImageSource, open_imagenet_val
 from ..errors import InputError
 from ..files import write_atomic
 from ..weights.tags import TAGS
-from .predict import CROPS, _tf_transform, load_model, mean_std_name, timm_aligned_config
+from .loading import load_model
+from .predict import CROPS, mean_std_name, tf_eval_transform, timm_aligned_config
 
 __all__ = [
     'AMP_DTYPES',
@@ -162,7 +163,7 @@ def eval_transform(model: torch.nn.Module, preprocessing: str = 'tf', crop: str 
     if crop not in CROPS:
         raise InputError(f'--crop must be one of {CROPS}, got {crop!r}')
     data_config = resolve_data_config({}, model=model)
-    tf = _tf_transform(data_config, crop)
+    tf = tf_eval_transform(data_config, crop)
     desc = dict(
         preprocessing=preprocessing,
         img_size=tf.image_size,

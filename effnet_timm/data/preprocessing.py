@@ -4,8 +4,8 @@ Reproduces ``preprocessing.preprocess_image(is_training=False)`` of the official
 EfficientNet code, followed by its normalization:
 
 1. Decode to RGB uint8 the way ``tf.io.decode_jpeg(channels=3)`` does. TF decodes with
-   libjpeg-turbo's *fast integer DCT*; ``simplejpeg`` (when installed) is asked for the same and
-   matches TF bit for bit. Without it Pillow decodes with the accurate DCT: about 1.2 levels
+   libjpeg-turbo's *fast integer DCT*; ``simplejpeg`` (a dependency) is asked for the same and
+   matches TF bit for bit. Pillow (``decoder='pillow'``) decodes with the accurate DCT: about 1.2 levels
    apart on average, up to ~16 on single pixels, and that survives the resize. Grayscale is
    replicated to three channels, CMYK is converted with TF's integer formula, alpha is dropped,
    16-bit samples keep their high byte, EXIF orientation is ignored: all as in TF.
@@ -60,13 +60,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import simplejpeg
 import torch
 from PIL import Image
-
-try:
-    import simplejpeg
-except ImportError:  # optional: the Pillow fallback is close but not bit-exact
-    simplejpeg = None
 
 __all__ = [
     'ImageInput',
@@ -106,7 +102,7 @@ def decode_image(image: ImageInput, decoder: str = 'auto') -> torch.Tensor:
     ``image`` may be encoded bytes, a file path, a PIL image, or a uint8 array/tensor in HWC or
     CHW layout (2-D means grayscale; a 4th channel is taken as alpha and dropped).
     ``decoder`` picks the JPEG decoder: ``'simplejpeg'`` (bit-exact with TF), ``'pillow'``
-    (accurate DCT, ~1 level off), or ``'auto'`` (simplejpeg when installed). Other formats
+    (accurate DCT, ~1 level off), or ``'auto'`` (simplejpeg). Other formats
     always go through Pillow, which is lossless for them.
     """
     if decoder not in _DECODERS:
@@ -129,10 +125,7 @@ def decode_image(image: ImageInput, decoder: str = 'auto') -> torch.Tensor:
 
 def _decode_bytes(data: bytes, decoder: str) -> np.ndarray:
     if data.startswith(_JPEG_MAGIC) and decoder != 'pillow':
-        if simplejpeg is not None:
-            return _decode_jpeg_simplejpeg(data)
-        if decoder == 'simplejpeg':
-            raise ImportError("decoder='simplejpeg' needs `pip install simplejpeg`")
+        return _decode_jpeg_simplejpeg(data)
     with Image.open(io.BytesIO(data)) as img:
         return _pil_to_rgb(img)
 

@@ -345,13 +345,14 @@ def _write_json(path: Path, value: object) -> None:
 
 
 def _convert(tarball: Path, out: Path, variant: str, tag: str, location: str) -> Path:
-    from effnet_convert.converter import convert
-    from effnet_convert.errors import CheckpointError
+    from .converter import tf_checkpoint_converter  # effnet_convert by entry point, never imported: see there
+
+    convert = tf_checkpoint_converter()
 
     try:
         # variant= makes the converter refuse a tarball that holds another architecture.
         convert(str(tarball), out, variant=variant, tag=tag)
-    except (CheckpointError, InputError) as err:
+    except InputError as err:  # the converter's CheckpointError is one
         message = f'{location}: {_strip_paths(first_line(err), tarball, out)}'
         # The converter reports a full disk while unpacking or writing as a CheckpointError too (raised from
         # None: the OSError stays its __context__); that is no fault of the tarball, which is then kept.

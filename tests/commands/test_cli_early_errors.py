@@ -73,7 +73,7 @@ def test_the_light_name_table_is_the_registry():
 
     import effnet_timm_cli
     from effnet_timm import TAGS
-    from effnet_timm.commands.predict import known_tags
+    from effnet_timm.commands.loading import known_tags
 
     assert list(effnet_timm_cli.MODEL_TAGS) == timm.list_models('effnet_v1*'), 'update effnet_timm_cli.MODEL_TAGS'
     for arch, tags in effnet_timm_cli.MODEL_TAGS.items():
@@ -83,7 +83,7 @@ def test_the_light_name_table_is_the_registry():
 
 def test_the_same_mistakes_get_the_same_words_from_the_library():
     # The early checks repeat the library's messages: the library, given the same names, says the same.
-    from effnet_timm.commands.predict import split_known_name
+    from effnet_timm.commands.loading import split_known_name
     from effnet_timm.errors import InputError
     from effnet_timm.weights.prefetch import select_names
     from effnet_timm_cli import model_name_error

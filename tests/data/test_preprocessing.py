@@ -22,7 +22,6 @@ from conftest import FIXTURES, OFFICIAL, SAMPLES
 from PIL import Image
 from timm.data import resolve_data_config
 
-from effnet_timm.data import preprocessing as pp
 from effnet_timm.data.preprocessing import (
     create_tf_transform,
     decode_image,
@@ -180,16 +179,15 @@ def test_fixture_batch_matches_official_preprocessing(name):
 
 @pytest.mark.oracle
 @pytest.mark.parametrize('name', ['tiny', 'b0'])
-def test_fixture_batch_with_pillow_decoder(name, monkeypatch):
+def test_fixture_batch_with_pillow_decoder(name):
     folder, manifest = _fixture(name)
-    monkeypatch.setattr(pp, 'simplejpeg', None)  # what 'auto' does without simplejpeg installed
     paths, cfg = _image_paths(folder, manifest), _config(manifest)
-    raw = _nhwc(preprocess_batch(paths, cfg, crop='fraction', normalize=False))
+    raw = _nhwc(preprocess_batch(paths, cfg, crop='fraction', decoder='pillow', normalize=False))
     diff = np.abs(raw - np.load(folder / 'inputs_0_255.npy'))
     print(f'{name} pillow 0..255: mean {diff.mean():.3f} max {diff.max():.3f}')
     assert diff.mean() <= MEAN_TOL_PILLOW
 
-    normalized = _nhwc(preprocess_batch(paths, cfg, crop='fraction'))
+    normalized = _nhwc(preprocess_batch(paths, cfg, crop='fraction', decoder='pillow'))
     ndiff = np.abs(normalized - np.load(folder / 'inputs.npy'))
     assert ndiff.mean() <= MEAN_TOL_PILLOW / 255 / min(cfg['std'])
 
@@ -222,12 +220,6 @@ def test_timm_image_dataset_with_raw_bytes(tmp_path):
         name = Path(dataset.filename(index)).stem
         diff = np.abs(dataset[index][0].permute(1, 2, 0).numpy() - expected[name])
         assert diff.mean() <= MEAN_TOL_SIMPLEJPEG, name
-
-
-def test_simplejpeg_decoder_required_when_asked(monkeypatch):
-    monkeypatch.setattr(pp, 'simplejpeg', None)
-    with pytest.raises(ImportError, match='simplejpeg'):
-        decode_image((SAMPLES / 'chelsea.jpg').read_bytes(), decoder='simplejpeg')
 
 
 # ----------------------------------------------------------------------------- colour modes
