@@ -239,7 +239,7 @@ def _publish_family(argv: list[str]) -> int:
             out_dir=args.out,
             private=args.private,
             verify=args.verify,
-            progress=not args.quiet,
+            progress=not args.quiet and sys.stderr.isatty(),
         )
     except InputError as err:
         print(f'effnet-convert publish-family: error: {err}', file=sys.stderr)

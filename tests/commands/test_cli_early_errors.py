@@ -75,9 +75,8 @@ def test_the_light_name_table_is_the_registry():
     from effnet_timm import TAGS
     from effnet_timm.commands.loading import known_tags
 
-    assert list(effnet_timm_cli.MODEL_TAGS) == timm.list_models('effnet_v1*'), 'update effnet_timm_cli.MODEL_TAGS'
-    for arch, tags in effnet_timm_cli.MODEL_TAGS.items():
-        assert tags == tuple(known_tags(arch)), f'effnet_timm_cli.MODEL_TAGS[{arch!r}]: the registry has other tags'
+    registry = {arch: tuple(known_tags(arch)) for arch in timm.list_models('effnet_v1*')}
+    assert effnet_timm_cli.MODEL_TAGS == registry, f'effnet_timm_cli.MODEL_TAGS must be: {registry!r}'
     assert effnet_timm_cli.TAG_NAMES == tuple(TAGS), 'update effnet_timm_cli.TAG_NAMES'
 
 
