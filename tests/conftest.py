@@ -6,13 +6,16 @@ import collections
 import json
 import os
 import re
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 # Keep test runs hermetic: no telemetry, no accidental Hub traffic, a private cache.
 os.environ.setdefault('HF_HUB_DISABLE_TELEMETRY', '1')
@@ -28,10 +31,17 @@ MANIFESTS = OFFICIAL / 'manifests'
 TINY_CKPT = REPO / 'convert' / 'effnet_convert' / 'demo' / 'efficientnet-tiny' / 'model.ckpt'
 SAMPLES = REPO / 'convert' / 'effnet_convert' / 'samples'
 
-# Under pytest-xdist the cores are shared between the workers: one worker per core runs faster than every
-# worker spawning a thread per core (oversubscription), and gives the same numbers (thread counts do not
-# change the CPU kernels' results the tests compare).
-torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get('PYTEST_XDIST_WORKER_COUNT') or 1)))
+
+@pytest.fixture(scope='session', autouse=True)
+def _torch_threads() -> None:
+    """Under pytest-xdist the cores are shared between the workers: a thread per core in every worker would
+    oversubscribe them. (Tests that compare bits across processes set their own thread counts.) torch is
+    imported by the test files, not by this conftest: tests that need no torch (tests/test_readme.py runs
+    this conftest on a tiny suite in subprocesses) start without paying for it."""
+    torch = sys.modules.get('torch')
+    if torch is not None:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get('PYTEST_XDIST_WORKER_COUNT') or 1)))
+
 
 # CI must run the oracle tests, not skip them: with CI set (CI=true, as CI services set it) or
 # EFFNET_TIMM_REQUIRE_ORACLES=1, a missing TensorFlow or ../shared fails the test that needs it.
@@ -121,6 +131,8 @@ def realistic_init_(
     """Give a model weights whose activations look trained: per-channel scaled kernels, random BN affine,
     BN statistics calibrated on one batch (as the official fixtures are made). Small-variance channels
     are what make BN eps and padding mistakes visible in the logits."""
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
