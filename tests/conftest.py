@@ -78,6 +78,16 @@ def converted_tiny(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope='session')
+def converted_b0(tmp_path_factory) -> Path:
+    """The official-format B0 of ../shared converted once (no tag), for `oracle` tests. Read or copy, never edit."""
+    from effnet_convert.converter import convert
+
+    folder = tmp_path_factory.mktemp('converted_b0') / 'b0'
+    convert(str(shared_path('efficientnet-b0')), folder)
+    return folder
+
+
+@pytest.fixture(scope='session')
 def tf():
     """TensorFlow, the test oracle (the `test` extra)."""
     os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')

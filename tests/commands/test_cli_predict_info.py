@@ -36,11 +36,8 @@ def tiny_dir(converted_tiny) -> Path:
 
 
 @pytest.fixture(scope='module')
-def b0_dir(tmp_path_factory) -> Path:
-    source = shared_path('efficientnet-b0')
-    out = tmp_path_factory.mktemp('cli') / 'b0'
-    convert(str(source), out)
-    return out
+def b0_dir(converted_b0) -> Path:
+    return converted_b0
 
 
 def _cli(capsys, *args: str) -> tuple[int, str, str]:

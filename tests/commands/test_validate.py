@@ -154,13 +154,10 @@ def test_synset_folders_give_the_official_accuracy(capsys, tmp_path, val_dir, co
 
 
 @pytest.mark.oracle
-def test_b0_at_224_with_the_default_crop_gives_the_official_top5(capsys, tmp_path):
+def test_b0_at_224_with_the_default_crop_gives_the_official_top5(capsys, tmp_path, converted_b0):
     # At 224 px the published crop (32 px padding, the default) is also the current code's 0.875 fraction.
-    from effnet_convert.converter import convert
-
     fixture = shared_path('efficientnet-b0')
-    weights = tmp_path / 'b0'
-    convert(str(fixture), weights)
+    weights = converted_b0
     logits = np.load(fixture / 'logits_ema.npy')
     images = load_manifest(fixture / 'manifest.json')['images']
     for image, row in zip(images, logits):
