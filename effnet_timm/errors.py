@@ -13,7 +13,9 @@ class PretrainedWeightsError(RuntimeError):
     """Pretrained weights were asked for and could not be had."""
 
 
-def first_line(err: BaseException) -> str:
-    """The first line of an exception's message (its type name when empty), for one-line reports."""
+def first_line(err: BaseException, whole: bool = False) -> str:
+    """An exception's message as one line for a report (its type name when empty): the first line, or with
+    `whole` every line joined (whitespace runs collapsed), for messages whose later lines name the problem
+    (torch's load_state_dict, OS errors with a path). The one error-line helper of effnet_timm."""
     text = str(err).strip() or type(err).__name__
-    return text.splitlines()[0].rstrip('.')
+    return ' '.join(text.split()) if whole else text.splitlines()[0].rstrip('.')

@@ -288,3 +288,16 @@ class FileProgress:
 
 def _file_of(nodeid: str) -> str:
     return nodeid.split('::')[0]
+
+
+# The files that take longest, longest first (from a full run's --durations=0). pytest-xdist hands out whole
+# files (--dist loadfile) in collection order; starting with the long ones keeps one worker from finishing
+# the run alone with a long file picked up last.
+LONGEST_FILES: tuple[str, ...] = ()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not os.environ.get('PYTEST_XDIST_WORKER'):
+        return  # one process: pytest's own order
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(_file_of(item.nodeid), len(rank)))  # stable: a file keeps its order

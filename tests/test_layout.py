@@ -133,3 +133,12 @@ def test_the_runtime_loads_without_the_converter():
     )
     proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_one_error_line_helper():
+    from effnet_timm.errors import first_line
+
+    err = RuntimeError('Error(s) in loading state_dict:\n\tMissing key(s): "a".\n')
+    assert first_line(err) == 'Error(s) in loading state_dict:'
+    assert first_line(err, whole=True) == 'Error(s) in loading state_dict: Missing key(s): "a".'
+    assert first_line(OSError()) == first_line(OSError(), whole=True) == 'OSError'

@@ -23,6 +23,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
+from effnet_timm.errors import first_line
 from effnet_timm.weights.integrity import verify_folder
 from effnet_timm.weights.tags import HUB_ORG, TAGS, hub_repo_id, official_url
 
@@ -162,7 +163,7 @@ def _check_strict_load(path: Path, converted: ConvertedFolder) -> None:
         model = timm.create_model(config['architecture'], pretrained=False, **config.get('model_args', {}))
         model.load_state_dict(load_file(str(path / 'model.safetensors')), strict=True)
     except (RuntimeError, ValueError, TypeError, KeyError, OSError, SafetensorError) as err:
-        reason = ' '.join(str(err).split())
+        reason = first_line(err, whole=True)
         raise CheckpointError(
             f'{path}: model.safetensors does not load strictly into {converted.variant} as '
             f'config.json declares it: {reason[:300]}'
