@@ -257,19 +257,21 @@ class FileProgress:
     def pytest_report_teststatus(self, report: pytest.TestReport) -> tuple[str, str, str] | None:
         """Counted as pytest counts it, but no letter: the file's line says how its tests went."""
         if hasattr(report, 'wasxfail'):
-            return None  # pytest's own wording
+            return ('xfailed', '', 'XFAIL') if report.skipped else ('xpassed', '', 'XPASS')
         if report.when == 'call':
-            return report.outcome, '', ''
+            return report.outcome, '', report.outcome.upper()  # the word is the summary's (FAILED test - why)
         if report.failed:
-            return 'error', '', ''
-        return ('skipped' if report.skipped else ''), '', ''
+            return 'error', '', 'ERROR'
+        return ('skipped', '', 'SKIPPED') if report.skipped else ('', '', '')
 
     @pytest.hookimpl(trylast=True)
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         file = _file_of(report.nodeid)
         self.first_report.setdefault(file, time.monotonic())
-        rank = {'passed': 0, 'skipped': 1, 'failed': 2}
+        rank = {'passed': 0, 'xpassed': 1, 'xfailed': 1, 'skipped': 1, 'failed': 2, 'error': 2}
         outcome = 'error' if report.failed and report.when != 'call' else report.outcome
+        if hasattr(report, 'wasxfail'):
+            outcome = 'xfailed' if report.skipped else 'xpassed'
         previous = self.worst.get(report.nodeid, 'passed')
         if rank.get(outcome, 2) >= rank.get(previous, 2) and outcome != 'passed':
             self.worst[report.nodeid] = outcome
