@@ -29,6 +29,7 @@ import torch.distributed as dist
 from PIL import Image
 
 from ..data.datasets import EvalDataset, ImageSource, open_imagenet_val
+from ..data.preprocessing import check_image_pixels, max_image_pixels, open_image
 from ..errors import InputError
 from ..weights.tags import TAGS
 from .predict import CROPS, _tf_transform, load_model, mean_std_name, timm_aligned_config
@@ -145,10 +146,13 @@ class TimmEvalTransform:
 
         self.transform = create_transform(**data_config)
         self.crop_pct = data_config['crop_pct']
+        self.max_pixels = max_image_pixels()
 
     def __call__(self, image: Any) -> torch.Tensor:
-        if not isinstance(image, Image.Image):
-            image = Image.open(io.BytesIO(image))
+        if isinstance(image, Image.Image):
+            check_image_pixels(image.width, image.height, self.max_pixels)
+        else:
+            image = open_image(image, self.max_pixels)  # refuses a decompression bomb from its header
         with image:
             return self.transform(image.convert('RGB'))
 
