@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -148,6 +149,30 @@ def test_download_refuses_an_unwritable_cache_in_one_line_before_downloading(
     assert out == ''
     err = _one_line_naming_existing_paths(err, 'effnet-timm')
     assert expect in err and 'EFFNET_TIMM_CACHE' in err, err
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A read-only tmpfs: a folder root cannot write in either. Needs mount rights (root in a container that
+    allows mounts); /proc stands in for it in the tests above wherever it does not."""
+    mount = tmp_path / 'ro'
+    mount.mkdir()
+    proc = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'ro,size=64k', 'tmpfs', str(mount)], capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip(f'cannot mount a tmpfs here ({proc.stderr.decode().strip()}); the /proc cases cover the path')
+    yield mount
+    subprocess.run(['umount', str(mount)], check=True)
+
+
+def test_a_read_only_folder_is_refused_by_every_command(capsys, read_only_folder, no_work, monkeypatch):
+    ro = read_only_folder
+    assert main(['validate', str(ro), '--results-file', str(ro / 'r.json')]) == 2
+    assert f'{ro}: cannot create --results-file in this folder (Read-only file system)' in capsys.readouterr().err
+    assert convert_main(['--out', str(ro / 'sub' / 'out'), '--quiet']) == 2
+    assert f'{ro}: cannot create --out in this folder (Read-only file system)' in capsys.readouterr().err
+    monkeypatch.setenv('EFFNET_TIMM_CACHE', str(ro))
+    assert main(['download', 'effnet_v1_b0.in1k']) == 2
+    assert f'{ro}: cannot create the weights cache (EFFNET_TIMM_CACHE) in this folder' in capsys.readouterr().err
 
 
 def test_a_writable_cache_folder_is_left_as_it_was(tmp_path):
