@@ -47,6 +47,11 @@ and :func:`preprocess_batch` (NCHW float32 batch), both driven by
 ``timm.data.resolve_data_config({}, model=model)``. Hand them encoded bytes or paths for the exact
 decode, e.g. ``timm.data.ImageDataset(root, load_bytes=True, transform=create_tf_transform(cfg))``;
 a PIL image has already been decoded by Pillow.
+
+Hostile input: an image that declares more than ``EFFNET_TIMM_MAX_IMAGE_PIXELS`` (default 100 MP) is refused
+from its header with :class:`ImageTooLargeError` (a ``ValueError``) before any pixel is decoded, and a file
+larger than such an image could be is refused before it is read; the crop is converted to float band by band,
+so one image at the limit takes a few hundred MB, not several GB.
 """
 
 from __future__ import annotations
