@@ -30,6 +30,7 @@ from effnet_timm.commands.validate import TimmEvalTransform
 from effnet_timm.data.preprocessing import (
     DEFAULT_MAX_IMAGE_PIXELS,
     ENV_MAX_IMAGE_PIXELS,
+    MAX_JPEG_SCANS,
     ImageTooLargeError,
     create_tf_transform,
     decode_image,
@@ -148,6 +149,38 @@ def test_a_file_larger_than_any_image_within_the_limit_is_not_read(tmp_path, mon
         f.truncate(64 << 30)
     with pytest.raises(ImageTooLargeError, match=rf'^{path}: 68,719,476,736 bytes is more than an image'):
         decode_image(path)
+
+
+def _progressive_jpeg() -> bytes:
+    y, x = np.mgrid[0:64, 0:96]
+    rgb = np.stack([x * 2, y * 3, (x + y) % 256], axis=-1).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, 'JPEG', progressive=True, quality=80)
+    return buffer.getvalue()
+
+
+def test_a_progressive_jpeg_of_too_many_scans_is_refused_before_decoding(monkeypatch):
+    data = _progressive_jpeg()
+    scans = data.count(b'\xff\xda')
+    assert 5 <= scans <= 20  # what an encoder writes ...
+    assert decode_image(data).shape == (64, 96, 3)  # ... decodes
+    # ... and the same file with its last scan repeated: each repeat costs a pass over the whole image.
+    last = data.rindex(b'\xff\xda')
+    bomb = data[:-2] + data[last:-2] * (MAX_JPEG_SCANS + 1 - scans) + b'\xff\xd9'
+
+    class Decoded(Exception):
+        pass
+
+    def decoded(*args, **kwargs):
+        raise Decoded
+
+    monkeypatch.setattr(simplejpeg, 'decode_jpeg', decoded)
+    monkeypatch.setattr(ImageFile.ImageFile, 'load', decoded)
+    for decoder in ('auto', 'pillow'):
+        with pytest.raises(ImageTooLargeError, match=rf'^{MAX_JPEG_SCANS + 1} scans \(JPEG start-of-scan markers\)'):
+            decode_image(bomb, decoder)
+    with pytest.raises(Decoded):  # at the limit it is decoded
+        decode_image(data[:-2] + data[last:-2] * (MAX_JPEG_SCANS - scans) + b'\xff\xd9')
 
 
 # ----------------------------------------------------------------------------- the commands
