@@ -117,8 +117,9 @@ _TF_CUBIC_A = -0.75
 # ----------------------------------------------------------------------------- size limits
 
 ENV_MAX_IMAGE_PIXELS = 'EFFNET_TIMM_MAX_IMAGE_PIXELS'
-# 100 MP: 30x the largest official eval crop's source photos need, and a few hundred MB to decode. A file that
-# declares more (a decompression bomb: a few bytes saying 60000 x 60000) is refused from its header.
+# 100 MP: tens of times an ImageNet photo, above what most cameras write, and about 450 MB to take through the
+# TF pipeline (a 100 MP JPEG at 600 px). A file that declares more (a decompression bomb: a few hundred bytes
+# saying 60000 x 60000) is refused from its header.
 DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
 # An encoded image is never larger than its uncompressed pixels (16-bit RGBA: 8 bytes each) plus headers.
 _BYTES_PER_PIXEL_BOUND = 8
