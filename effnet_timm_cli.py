@@ -62,7 +62,7 @@ def model_name_error(name: str) -> str | None:
 
 
 def _model_and_weights_error(args: argparse.Namespace) -> str | None:
-    if args.model is None and args.weights is None:
+    if args.model is None and args.weights is None and args.command == 'predict':  # validate checks outputs first
         return 'give --model, --weights, or both'
     if args.weights is not None and not args.weights.exists():
         return f'{args.weights}: no such file or folder'
@@ -318,6 +318,9 @@ def _run_validate(args: argparse.Namespace) -> int:
 
     check_output_path(args.results_file, ('.json', '.csv'), '--results-file')
     check_output_path(args.per_image, ('.csv',), '--per-image')
+    from effnet_timm.commands.outputs import check_distinct
+
+    check_distinct({'--results-file': args.results_file, '--per-image': args.per_image})
     if args.workers < 0:
         from effnet_timm.errors import InputError
 
@@ -376,9 +379,12 @@ def _download_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_download(args: argparse.Namespace) -> int:
+    from effnet_timm.commands.outputs import check_weights_cache
     from effnet_timm.weights.prefetch import format_rows, prefetch, rows_as_json, select_names
 
-    rows = prefetch(select_names(args.models, args.tag, args.all), progress=False if args.no_progress else None)
+    pairs = select_names(args.models, args.tag, args.all)
+    check_weights_cache(pairs)  # one line before any download, not one failed row per model
+    rows = prefetch(pairs, progress=False if args.no_progress else None)
     print(json.dumps(rows_as_json(rows), indent=2) if args.json else format_rows(rows))
     for row in rows:
         if row.error:

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
-import io
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 from timm.data import ImageNetInfo, create_transform, infer_imagenet_subset, resolve_data_config
 
 from ..data.datasets import IMAGE_EXTENSIONS
-from ..data.preprocessing import TfEvalTransform, create_tf_transform, crop_pct_for, decode_image
+from ..data.preprocessing import (
+    ImageTooLargeError,
+    TfEvalTransform,
+    create_tf_transform,
+    crop_pct_for,
+    decode_image,
+    open_image,
+    read_image_file,
+)
 from ..errors import InputError, first_line
 from .loading import known_tags, load_model, split_known_name  # noqa: F401  (re-exported: the earlier home)
 
@@ -83,7 +90,9 @@ def timm_aligned_config(data_config: dict[str, Any], transform: TfEvalTransform)
 
 def _tf_input(transform: TfEvalTransform, data: bytes) -> torch.Tensor:
     try:
-        rgb = decode_image(data)
+        rgb = decode_image(data, max_pixels=transform.max_pixels)
+    except ImageTooLargeError as err:
+        raise InputError(f'image refused: {first_line(err)}') from None
     except UnidentifiedImageError:  # its message names a BytesIO object, not the file
         raise InputError('cannot decode image: not a format Pillow reads') from None
     except (OSError, ValueError, RuntimeError) as err:
@@ -97,7 +106,7 @@ def _tf_input(transform: TfEvalTransform, data: bytes) -> torch.Tensor:
 def _timm_input(transform: Any, data: bytes) -> torch.Tensor:
     # timm's datasets decode with Pillow, which may refuse a file the TF pipeline's decoder read.
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with open_image(data) as img:
             return transform(img.convert('RGB'))
     except (OSError, ValueError, UnidentifiedImageError) as err:
         raise InputError(f'timm preprocessing: Pillow cannot decode the image: {first_line(err)}') from None
@@ -107,7 +116,9 @@ def _image_bytes(image: ImageItem) -> tuple[str, bytes]:
     if not isinstance(image, Path):
         return image
     try:
-        return str(image), image.read_bytes()
+        return str(image), read_image_file(image)
+    except ImageTooLargeError as err:
+        raise InputError(f'image refused: {first_line(err)}') from None
     except OSError as err:
         raise InputError(f'cannot read image: {err.strerror or first_line(err)}') from None
 
