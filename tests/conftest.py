@@ -34,13 +34,13 @@ SAMPLES = REPO / 'convert' / 'effnet_convert' / 'samples'
 
 @pytest.fixture(scope='session', autouse=True)
 def _torch_threads() -> None:
-    """Under pytest-xdist the cores are shared between the workers: a thread per core in every worker would
-    oversubscribe them. (Tests that compare bits across processes set their own thread counts.) torch is
-    imported by the test files, not by this conftest: tests that need no torch (tests/test_readme.py runs
-    this conftest on a tiny suite in subprocesses) start without paying for it."""
+    """A thread per core, in every pytest-xdist worker too: tests compare this process's numbers with those of
+    subprocesses, which run torch's default (a thread per core), and some kernels' results depend on the thread
+    count. torch is imported by the test files, not by this conftest: tests that need no torch
+    (tests/test_readme.py runs this conftest on a tiny suite in subprocesses) start without paying for it."""
     torch = sys.modules.get('torch')
     if torch is not None:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get('PYTEST_XDIST_WORKER_COUNT') or 1)))
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
 
 
 # CI must run the oracle tests, not skip them: with CI set (CI=true, as CI services set it) or
