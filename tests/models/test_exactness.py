@@ -345,3 +345,68 @@ def test_batchnorm_hook_output_is_not_overwritten_by_swish_under_no_grad(half_st
     )
     assert expected.min() < -1.0  # below Swish's minimum (-0.28): an overwrite cannot pass unnoticed
     torch.testing.assert_close(kept['bn'], expected, rtol=1e-5, atol=1e-5)
+
+
+# --- 5. gradient checkpointing leaves BatchNorm buffers as a plain step ---------------------------------
+
+
+def _stages_checkpointed_by_torch(model: torch.nn.Module) -> torch.nn.Module:
+    """Each stage checkpointed from outside by torch's own checkpoint (timm's `checkpoint_seq`)."""
+    from timm.models import checkpoint_seq
+
+    stages = model.blocks
+    stages.forward = lambda x: checkpoint_seq(stages, x)
+    return model
+
+
+def _stages_checkpointed_by_ours(model: torch.nn.Module) -> torch.nn.Module:
+    """Each stage checkpointed from outside by `effnet_timm.models.recompute.checkpoint`."""
+    from effnet_timm.models.recompute import checkpoint
+
+    stages = model.blocks
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        for stage in stages:
+            x = checkpoint(stage, x)
+        return x
+
+    stages.forward = forward
+    return model
+
+
+CHECKPOINTING: dict[str, Callable[[torch.nn.Module], torch.nn.Module]] = {
+    'block': lambda m: (m.set_grad_checkpointing(True), m)[1],  # what timm's train.py --grad-checkpointing sets
+    'stage_torch': _stages_checkpointed_by_torch,
+    'stage_ours': _stages_checkpointed_by_ours,
+}
+
+
+def _train_step(model: torch.nn.Module, x: torch.Tensor) -> tuple[dict, dict]:
+    grads = _grads(model.train(), lambda m: m(x).square().mean())
+    return grads, {n: b.clone() for n, b in model.named_buffers()}
+
+
+@pytest.mark.parametrize('how', list(CHECKPOINTING))
+def test_checkpointed_training_step_leaves_batchnorm_buffers_as_a_plain_step(half_state, how):
+    """The recomputation in backward re-runs every training BatchNorm; it must not update the running statistics
+    a second time. Reference: timm's tf_efficientnet (TF's decay 0.99, momentum 0.01) in a plain step."""
+    ours, theirs = _pair(half_state)
+    for m in theirs.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.momentum = 0.01  # timm keeps PyTorch's 0.1 for tf_* models; TF's (and ours) is 0.01
+    x = _input(64, 64, batch=4)
+    plain = timm.create_model('effnet_v1', **HALF, drop_rate=0.0, drop_path_rate=0.0, memory_efficient=False)
+    plain.load_state_dict(half_state)
+    ref_grads, ref_buffers = _train_step(theirs, x)
+    plain_grads, plain_buffers = _train_step(plain, x)
+    ours.set_memory_efficient(False)  # as checkpointing does (from outside, the stem and head would be lean)
+    grads, buffers = _train_step(CHECKPOINTING[how](ours), x)
+    assert buffers.keys() == ref_buffers.keys()
+    steps = {int(b - half_state[n]) for n, b in buffers.items() if n.endswith('num_batches_tracked')}
+    assert steps == {1}, f'num_batches_tracked advanced by {steps} in one step'
+    changed = [n for n, b in buffers.items() if not torch.equal(b, ref_buffers[n])]
+    assert not changed, f'{len(changed)} of {len(buffers)} buffers differ from a plain step, e.g. {changed[:3]}'
+    assert not [n for n in plain_buffers if not torch.equal(plain_buffers[n], ref_buffers[n])]
+    # Gradients: bit-equal to our plain-autograd step (the same kernels), close to timm's.
+    assert not [n for n, g in grads.items() if not torch.equal(g, plain_grads[n])]
+    _assert_same_grads(grads, ref_grads)
