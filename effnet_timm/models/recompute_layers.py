@@ -59,6 +59,9 @@ def batch_norm_with_recipe(
     eps: float,
 ) -> torch.Tensor:
     """`F.batch_norm(x, training=True)` whose output carries a recipe (`effnet_timm.models.recompute`)."""
+    # F.batch_norm's check ("Expected more than 1 value per channel when training"): the kernel would write NaN
+    # into running_var instead.
+    F._verify_batch_size(x.size())
     y, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
     with torch.no_grad():
         scale = invstd * weight

@@ -410,3 +410,19 @@ def test_checkpointed_training_step_leaves_batchnorm_buffers_as_a_plain_step(hal
     # Gradients: bit-equal to our plain-autograd step (the same kernels), close to timm's.
     assert not [n for n, g in grads.items() if not torch.equal(g, plain_grads[n])]
     _assert_same_grads(grads, ref_grads)
+
+
+# --- 6. a batch of one per channel -----------------------------------------------------------------------
+
+
+def test_training_batch_of_one_per_channel_raises_as_plain_batchnorm(half_state):
+    """A 32 px image alone leaves one value per channel at the 1x1 head: plain BatchNorm raises; the memory-lean
+    BatchNorm used to write NaN into running_var instead (every later eval forward NaN)."""
+    ours, theirs = _pair(half_state)
+    x = _input(32, 32, batch=1)
+    with pytest.raises(ValueError, match='Expected more than 1 value per channel when training') as expected:
+        theirs.train()(x)
+    with pytest.raises(ValueError) as got:
+        ours.train()(x)
+    assert str(got.value) == str(expected.value)
+    assert all(torch.isfinite(b).all() for n, b in ours.named_buffers() if n.endswith(('_mean', '_var')))
