@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint
+from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = [
     'Recompute',
@@ -44,8 +45,18 @@ __all__ = [
     'strip_recipe',
 ]
 
-_RECIPE_ATTR = '_effnet_recompute'
+# Recipes live in a table keyed weakly by tensor identity, not on the tensors: a tensor a forward hook kept
+# pickles (torch.save, weights-only torch.load) like any other and holds no recipe sources alive. The table
+# exists while `recompute_activations()` records and is dropped when it ends (what autograd packed keeps its
+# own reference to its recipe).
 _state = threading.local()  # saved-tensor hooks are per thread too (DataParallel replicas run in threads)
+
+
+def _recipes(create: bool = False) -> WeakIdKeyDictionary | None:
+    table = getattr(_state, 'recipes', None)
+    if table is None and create:
+        table = _state.recipes = WeakIdKeyDictionary()
+    return table
 
 
 class Recompute:
@@ -115,7 +126,7 @@ def _check_version(t: torch.Tensor, version: int) -> None:
 def attach_recipe(out: torch.Tensor, fn: Callable[..., torch.Tensor], *args: Any, cache: bool = True) -> torch.Tensor:
     """Mark `out` as `fn(*args)`; tensor arguments that carry a current recipe are referenced by recipe."""
     args = tuple(_as_arg(a) for a in args)
-    setattr(out, _RECIPE_ATTR, Recompute(fn, out._version, *args, cache=cache))
+    _recipes(create=True)[out] = Recompute(fn, out._version, *args, cache=cache)
     return out
 
 
@@ -126,14 +137,15 @@ def _as_arg(a: Any) -> Any:
 
 
 def recipe_of(t: Any) -> Recompute | None:
-    # Only real tensors: an FX proxy would answer any attribute with a new graph node.
-    return getattr(t, _RECIPE_ATTR, None) if isinstance(t, torch.Tensor) else None
+    table = _recipes()
+    # Only real tensors (not FX proxies).
+    return table.get(t) if table is not None and isinstance(t, torch.Tensor) else None
 
 
 def strip_recipe(t: Any) -> Any:
     """Drop `t`'s recipe (outputs leaving the model carry none)."""
     if recipe_of(t) is not None:
-        delattr(t, _RECIPE_ATTR)
+        del _recipes()[t]
     return t
 
 
@@ -177,6 +189,8 @@ def recompute_activations() -> Iterator[None]:
             yield
         finally:
             _state.depth -= 1
+            if _state.depth == 0:
+                _state.recipes = None
 
 
 def _outer_hooks_active() -> bool:
