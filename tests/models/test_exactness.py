@@ -426,3 +426,50 @@ def test_training_batch_of_one_per_channel_raises_as_plain_batchnorm(half_state)
         ours.train()(x)
     assert str(got.value) == str(expected.value)
     assert all(torch.isfinite(b).all() for n, b in ours.named_buffers() if n.endswith(('_mean', '_var')))
+
+
+# --- 7. recipes live outside the tensors ------------------------------------------------------------------
+
+
+def test_tensor_kept_by_a_forward_hook_saves_loads_and_frees_like_any_other(half_state, tmp_path):
+    """A training forward's BatchNorm output, kept by a hook: `torch.save` writes just its values, the default
+    (weights-only) `torch.load` reads it back, and it keeps no recipe source (the conv output) alive."""
+    import io
+    import weakref
+
+    ours, _ = _pair(half_state)
+    kept, conv_out = {}, {}
+    ours.bn1.register_forward_hook(lambda m, i, o: kept.__setitem__('bn1', o))
+    ours.conv_stem.register_forward_hook(lambda m, i, o: conv_out.__setitem__('ref', weakref.ref(o)))
+    ours.train()(_input(64, 64)).square().mean().backward()
+    out = kept['bn1']
+    assert conv_out['ref']() is None, 'the conv output is still alive after backward'
+    buf = io.BytesIO()
+    torch.save(out, buf)
+    plain = io.BytesIO()
+    torch.save(out.detach().clone(), plain)
+    assert len(buf.getvalue()) <= len(plain.getvalue()) + 1024  # a recipe would add the conv output and more
+    buf.seek(0)
+    loaded = torch.load(buf)  # weights_only=True, torch's default
+    assert torch.equal(loaded, out.detach())
+
+
+def test_fuse_under_cpu_autocast_computes_in_the_autocast_dtype(tiny_state):
+    """`validate --fuse --amp bf16 --device cpu`: every fused conv must compute in bf16 as the unfused convs do
+    (the oneDNN fused kernel ignores autocast and computed in fp32)."""
+    model = _tiny(tiny_state, torch.float32)
+    fused = fuse(model)
+    dtypes = []
+    for m in fused.modules():
+        if type(m).__name__ == 'FusedConv2d':
+            m.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    x = _input(64, 64)
+    with torch.inference_mode():
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            got, ref = fused.forward_features(x), model.forward_features(x)
+        exact = model.forward_features(x)
+    assert ref.dtype == torch.bfloat16
+    assert got.dtype == torch.bfloat16 and set(dtypes) == {torch.bfloat16}
+    # As far from the fp32 model as the unfused bf16 model is (bf16 rounding, not another function).
+    scale = exact.abs().max()
+    assert (got.float() - exact).abs().max() <= 2 * (ref.float() - exact).abs().max() + 1e-3 * scale
