@@ -43,6 +43,7 @@ __all__ = [
     'open_imagenet_val',
     'imagenet_synsets',
     'read_ground_truth',
+    'imagenet_remap',
 ]
 
 # The image files a folder contributes (case-insensitive), here and in `predict`: the formats decode_image reads.
@@ -119,13 +120,21 @@ class TimmSource(ImageSource):
         self.reader = dataset.reader
         self.root = root
         self.description = description
-        self.remap = remap  # reader's class index -> ImageNet-1k index (folder and tar readers)
+        self.remap = remap  # reader's class index -> ImageNet-1k index; None: the dataset's own label space
 
     def __len__(self) -> int:
         return len(self.reader)
 
     def name(self, index: int) -> str:
         return str(self.reader.filename(index))
+
+    def label_summary(self) -> str:
+        """The dataset's own classes, in a few words (for an error message)."""
+        names = sorted(_class_names(self.reader), key=str)
+        if not names:
+            return 'class indices without names'
+        shown = ', '.join(repr(str(n)) for n in names[:3])
+        return f'{len(names)} classes: {shown}{", ..." if len(names) > 3 else ""}'
 
     def read(self, index: int) -> tuple[bytes | Image.Image, int]:
         img, target, *_ = self.reader[index]
@@ -340,7 +349,25 @@ def _timm_source(data: Path, dataset: str) -> TimmSource:
     if not hasattr(ds, 'reader') or not hasattr(ds.reader, '__getitem__'):
         raise InputError(f'--dataset {dataset}: not a map-style timm dataset')
     description = f'{len(ds.reader):,} images via timm create_dataset({dataset!r})'
-    return TimmSource(ds, str(data), description, None if prefix else _synset_remap(data, ds.reader))
+    remap = imagenet_remap(_class_names(ds.reader)) if prefix else _synset_remap(data, ds.reader)
+    return TimmSource(ds, str(data), description, remap)
+
+
+def _class_names(reader: Any) -> dict[Any, int]:
+    return dict(getattr(reader, 'class_to_idx', None) or getattr(reader, 'class_name_to_idx', None) or {})
+
+
+def imagenet_remap(class_to_idx: dict[Any, int]) -> dict[int, int] | None:
+    """A dataset's class index -> ImageNet-1k index, when its class names are ImageNet-1k's (WordNet synset ids,
+    or the class names of the Hugging Face ``imagenet-1k`` dataset: 'tench, Tinca tinca', ...); else None."""
+    from timm.data import ImageNetInfo
+
+    if not class_to_idx:
+        return None
+    for table in (imagenet_synsets(), {d: i for i, d in enumerate(ImageNetInfo('imagenet-1k').label_descriptions())}):
+        if all(isinstance(name, str) and name in table for name in class_to_idx):
+            return {int(index): table[name] for name, index in class_to_idx.items()}
+    return None
 
 
 def _synset_remap(data: Path, reader: Any) -> dict[int, int]:
