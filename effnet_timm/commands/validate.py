@@ -158,15 +158,30 @@ class TimmEvalTransform:
             return self.transform(image.convert('RGB'))
 
 
-def eval_transform(model: torch.nn.Module, preprocessing: str = 'tf', crop: str = 'padding32') -> tuple[Callable, dict]:
-    """The per-image transform and a description of it (for the report and the results file)."""
+def eval_transform(
+    model: torch.nn.Module,
+    preprocessing: str = 'tf',
+    crop: str = 'padding32',
+    img_size: int | None = None,
+    crop_pct: float | None = None,
+) -> tuple[Callable, dict]:
+    """The per-image transform and a description of it (for the report and the results file). ``img_size`` and
+    ``crop_pct`` (timm's ``--img-size`` / ``--crop-pct``) override the model's size and the ``crop`` convention."""
     from timm.data import resolve_data_config
 
     if preprocessing not in PREPROCESSINGS:
         raise InputError(f'--preprocessing must be one of {PREPROCESSINGS}, got {preprocessing!r}')
     if crop not in CROPS:
         raise InputError(f'--crop must be one of {CROPS}, got {crop!r}')
+    if img_size is not None and img_size < 1:
+        raise InputError(f'--img-size must be >= 1, got {img_size}')
+    if crop_pct is not None and not 0 < crop_pct <= 1:
+        raise InputError(f'--crop-pct must be in (0, 1], got {crop_pct}')
     data_config = resolve_data_config({}, model=model)
+    if img_size is not None:
+        data_config['input_size'] = (data_config['input_size'][0], img_size, img_size)
+    if crop_pct is not None:
+        data_config['crop_pct'], crop = crop_pct, 'crop_pct'
     tf = _tf_transform(data_config, crop)
     desc = dict(
         preprocessing=preprocessing,
@@ -365,6 +380,8 @@ def validate(
     batch_size: int = 64,
     workers: int = 4,
     crop: str = 'padding32',
+    img_size: int | None = None,
+    crop_pct: float | None = None,
     preprocessing: str = 'tf',
     amp: str | None = None,
     channels_last: bool = False,
@@ -385,7 +402,7 @@ def validate(
     try:
         model = build_model(model_name, weights, info)
         _check_classes(model, source)
-        transform, pre = eval_transform(model, preprocessing, crop)
+        transform, pre = eval_transform(model, preprocessing, crop, img_size, crop_pct)
         runtime = dict(
             amp=amp, channels_last=channels_last, fuse=fuse, param_count=sum(p.numel() for p in model.parameters())
         )  # before fusing folds BatchNorm away
@@ -410,7 +427,8 @@ def validate(
         )
         if not info.is_main:
             return None
-        protocol = dict(limit=limit, preprocessing=preprocessing, crop=crop, amp=amp, img_size=pre['img_size'])
+        protocol = dict(limit=limit, preprocessing=preprocessing, crop=pre['crop'], amp=amp, img_size=pre['img_size'])
+        protocol['crop_pct'] = crop_pct
         return _result(model, source, ev, pre, info, dev, runtime, protocol)
     finally:
         if own_group and info.distributed and dist.is_initialized():
@@ -437,7 +455,7 @@ class _Limited(torch.utils.data.Dataset):
 
 
 def _check_classes(model: torch.nn.Module, source: ImageSource) -> None:
-    from ..data.datasets import TimmSource
+    from ..data.datasets import OTHER_CLASSES, TimmSource
 
     own_labels = isinstance(source, TimmSource) and source.remap is None  # a timm dataset's own label space
     if model.num_classes != 1000 and not own_labels:
@@ -447,7 +465,7 @@ def _check_classes(model: torch.nn.Module, source: ImageSource) -> None:
     if model.num_classes == 1000 and own_labels:
         raise InputError(
             f'{source.root}: its labels ({source.label_summary()}) are not ImageNet-1k classes (WordNet synset ids '
-            "or ImageNet-1k class names) and cannot be mapped to the model's 1000 outputs"
+            "or ImageNet-1k class names) and cannot be mapped to the model's 1000 outputs" + OTHER_CLASSES
         )
 
 
@@ -470,7 +488,9 @@ def _official_deviations(model: torch.nn.Module, ev: Evaluation, protocol: dict[
         deviations.append(f'{ev.num_images:,} of the {IMAGENET_VAL_IMAGES:,} images')
     if protocol['preprocessing'] != 'tf':
         deviations.append(f'--preprocessing {protocol["preprocessing"]}')
-    if protocol['crop'] != 'padding32':
+    if protocol['crop'] == 'crop_pct':
+        deviations.append(f'--crop-pct {protocol.get("crop_pct")}')
+    elif protocol['crop'] != 'padding32':
         deviations.append(f'--crop {protocol["crop"]}')
     if protocol['img_size'] != size:
         deviations.append(f'{protocol["img_size"]} px, not {size}')

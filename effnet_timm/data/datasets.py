@@ -61,6 +61,11 @@ EXPECTED_LAYOUTS = (
     'one folder per ImageNet-1k synset (n01440764/ ...), or a flat folder of '
     'ILSVRC2012_val_*.JPEG with a ground-truth file (' + ', '.join(GROUND_TRUTH_FILES[:2]) + ')'
 )
+# What to do with a folder of other classes (validate scores the 1000 ImageNet-1k outputs against synset labels).
+OTHER_CLASSES = (
+    "; for a dataset of other classes, run timm's own validate.py (timm repository) with the models registered: "
+    'effnet-timm run validate.py --data-dir DATA --model MODEL --num-classes N --checkpoint FILE'
+)
 # Errors that mean "this file is not a readable image": they become a per-sample error, not an exception.
 # Pillow raises SyntaxError/EOFError on some malformed headers; simplejpeg raises ValueError.
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError, IndexError)
@@ -216,7 +221,10 @@ def _synset_source(root: Path, folders: list[str], stray_images: list[str]) -> F
     synsets = imagenet_synsets()
     for folder in folders:
         if not SYNSET.fullmatch(folder):
-            raise InputError(f"{root / folder}: '{folder}' is not a WordNet synset id (expected {EXPECTED_LAYOUTS})")
+            raise InputError(
+                f"{root / folder}: '{folder}' is not a WordNet synset id: validate reads {EXPECTED_LAYOUTS}"
+                + OTHER_CLASSES
+            )
         if folder not in synsets:
             raise InputError(f'{root / folder}: synset {folder} is not one of the 1000 ImageNet-1k classes')
     if stray_images:
@@ -378,6 +386,7 @@ def _synset_remap(data: Path, reader: Any) -> dict[int, int]:
     for name in names:
         if name not in synsets:
             raise InputError(
-                f"{data}: class folder '{name}' is not an ImageNet-1k synset id (expected {EXPECTED_LAYOUTS})"
+                f"{data}: class folder '{name}' is not an ImageNet-1k synset id: validate reads {EXPECTED_LAYOUTS}"
+                + OTHER_CLASSES
             )
     return {index: synsets[name] for name, index in names.items()}

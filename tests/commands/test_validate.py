@@ -348,6 +348,7 @@ def test_tar_with_non_synset_folders_is_refused(capsys, tmp_path, converted_tiny
     code, out, err = _cli(capsys, 'validate', tmp_path / 'val.tar', '--weights', converted_tiny, '--workers', 0)
     assert code == 2 and err.count('\n') == 1
     assert "class folder 'cats' is not an ImageNet-1k synset id" in err
+    assert "run timm's own validate.py (timm repository) with the models registered: effnet-timm run validate.py" in err
 
 
 def test_flat_folder_beside_a_devkit_folder(capsys, tmp_path, flat_dir, converted_tiny):
@@ -445,7 +446,7 @@ def test_bad_layouts_are_one_line_and_exit_2(capsys, tmp_path, converted_tiny, c
     if case == 'not_synsets':
         (data / 'cats').mkdir(parents=True)
         shutil.copy(SAMPLES / 'chelsea.jpg', data / 'cats' / 'a.jpg')
-        expect = f"{data / 'cats'}: 'cats' is not a WordNet synset id (expected one folder per ImageNet-1k synset"
+        expect = f"{data / 'cats'}: 'cats' is not a WordNet synset id: validate reads one folder per ImageNet-1k synset"
     elif case == 'unknown_synset':
         (data / 'n00000001').mkdir(parents=True)
         expect = 'synset n00000001 is not one of the 1000 ImageNet-1k classes'
@@ -803,3 +804,41 @@ def test_validate_uses_and_leaves_a_callers_process_group(tmp_path, val_dir, con
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(out.read_text()) == dict(top1=N_RIGHT, n=N, sum=2.0)
+
+
+# ----------------------------------------------------------------------------- timm validate.py's spellings
+
+
+def test_timm_validate_spellings_give_the_same_run(capsys, tmp_path, val_dir, converted_tiny):
+    """-b, -j, --data-dir, --img-size, --crop-pct as timm's validate.py: the model's size (96) and the crop_pct of
+    --crop fraction at 96 px (floor(96 / 0.8727) = 110: 14 px padding) give the run of the usual spellings."""
+    one, one_rows, _ = _validate(capsys, tmp_path, val_dir, converted_tiny)
+    per_image = tmp_path / 'timm_spellings.csv'
+    code, out, err = _cli(
+        capsys, 'validate', '--data-dir', val_dir, '--weights', converted_tiny, '-b', 3, '-j', 0, '--img-size', 96,
+        '--crop-pct', 0.8727, '--no-progress', '--json', '--per-image', per_image,
+    )  # fmt: skip
+    assert code == 0, err
+    result = json.loads(out)
+    assert (result['top1_count'], result['top5_count'], result['num_images']) == (N_RIGHT, N_RIGHT, N)
+    assert (result['img_size'], result['preprocessing']['crop_padding']) == (96, 14)
+    assert list(csv.reader(per_image.open())) == one_rows
+
+
+@pytest.mark.parametrize(
+    'args,message',
+    [
+        (('--img-size', 64), None),  # another size runs (the report states it)
+        (('--pretrained',), "--pretrained means the --model tag's published weights; --weights gives others: not both"),
+        (('--crop', 'fraction', '--crop-pct', 0.9), '--crop and --crop-pct both choose the crop: give one'),
+        (('--crop-pct', 1.5), '--crop-pct must be in (0, 1], got 1.5'),
+        (('--data-dir', 'elsewhere'), 'give DATA or --data-dir, not both'),
+    ],
+)
+def test_timm_validate_spellings_checked(capsys, tmp_path, val_dir, converted_tiny, args, message):
+    code, out, err = _cli(capsys, 'validate', val_dir, '--weights', converted_tiny, '-j', 0, '--no-progress', *args)
+    if message is None:
+        assert code == 0, err
+        assert 'official TF eval: 64x64' in out
+    else:
+        assert code == 2 and err == f'effnet-timm: error: {message}\n'
