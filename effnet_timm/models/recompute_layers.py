@@ -75,7 +75,9 @@ class BatchNormRecompute2d(nn.BatchNorm2d):
     """`nn.BatchNorm2d` whose training output can be recomputed from its input in backward.
 
     Only the output's bookkeeping differs; the statistics and running-average rules are
-    `_BatchNorm.forward`'s, restated because TorchScript cannot call `super().forward`.
+    `_BatchNorm.forward`'s, restated because TorchScript cannot call `super().forward`. A training forward run
+    inside backward is a gradient checkpoint's recomputation (torch's, timm's `checkpoint_seq`): it updates
+    copies of the running statistics, so the buffers hold the one update of a plain step.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
