@@ -258,7 +258,10 @@ def _run_validate(args: argparse.Namespace) -> int:
 
     check_output_path(args.results_file, ('.json', '.csv'), '--results-file')
     check_output_path(args.per_image, ('.csv',), '--per-image')
+    from effnet_timm.commands.outputs import check_distinct
     from effnet_timm.errors import InputError
+
+    check_distinct({'--results-file': args.results_file, '--per-image': args.per_image})
 
     if args.workers < 0:
         raise InputError(f'--workers must be >= 0, got {args.workers}')
@@ -326,9 +329,12 @@ def _download_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_download(args: argparse.Namespace) -> int:
+    from effnet_timm.commands.outputs import check_weights_cache
     from effnet_timm.weights.prefetch import format_rows, prefetch, rows_as_json, select_names
 
-    rows = prefetch(select_names(args.models, args.tag, args.all), progress=False if args.no_progress else None)
+    pairs = select_names(args.models, args.tag, args.all)
+    check_weights_cache(pairs)  # one line before any download, not one failed row per model
+    rows = prefetch(pairs, progress=False if args.no_progress else None)
     print(json.dumps(rows_as_json(rows), indent=2) if args.json else format_rows(rows))
     for row in rows:
         if row.error:
