@@ -36,8 +36,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument('--variant', help='expected architecture, e.g. effnet_v1_b0 (checked against the tensors)')
     parser.add_argument(
         '--tag',
-        help='checkpoint family: in1k, aa_in1k, ra_in1k, ap_in1k, ns_jft_in1k, '
-        'ns_jft_in1k_475 (guessed from an official file name when omitted)',
+        help='checkpoint family: in1k, aa_in1k, ra_in1k, ap_in1k, ns_jft_in1k, ns_jft_in1k_475; when omitted, taken '
+        'from an official location (.../<family folder>/<official file name>) or a pinned sha256, never guessed: a '
+        "checkpoint whose families differ in mean/std is refused. 'none': no family (ImageNet mean/std written, "
+        'choose the preprocessing when loading)',
     )
     parser.add_argument(
         '--no-ema',

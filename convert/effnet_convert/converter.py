@@ -28,6 +28,7 @@ from .sources import ResolvedSource, resolve_source
 from .tf_bundle import TensorBundle
 
 CONVERTER_VERSION = effnet_timm.__version__
+NO_TAG = 'none'  # tag=NO_TAG: convert without a checkpoint family (ImageNet mean/std written, no tag recorded)
 MAX_IMAGE_SIZE = 4096  # beyond any official eval size (L2: 800) by 5x; larger is a typo, not a config
 
 
@@ -189,7 +190,9 @@ def _pretrained_cfg(arch: Architecture, tag: str | None, image_size: int | None)
 
 
 def check_tag(tag: str, variant: str | None = None) -> None:
-    """`tag` names a checkpoint family (that has `variant`, when given), or CheckpointError."""
+    """`tag` names a checkpoint family (that has `variant`, when given) or is NO_TAG, or CheckpointError."""
+    if tag == NO_TAG:
+        return
     if tag not in TAGS:
         raise CheckpointError(f"unknown tag '{tag}' (known: {', '.join(TAGS)})")
     if variant is not None and variant not in TAGS[tag].variants:
@@ -221,7 +224,7 @@ def tag_of_source(resolved: ResolvedSource, variant: str) -> str | None:
         raise CheckpointError(
             f'{resolved.origin}: which {variant} checkpoint family is this? Its path is not an official one and '
             f'its sha256 is not pinned, and the families differ in input normalization: pass --tag '
-            f'({", ".join(families)})'
+            f'({", ".join(families)}, or {NO_TAG})'
         )
     return None
 
@@ -305,8 +308,10 @@ def _convert_into(
     notes = []
     if tag is None:
         tag = tag_of_source(resolved, weights.architecture.variant)
+    elif tag == NO_TAG:
+        tag = None
     if tag is None:
-        notes.append('no --tag: ImageNet mean/std assumed')
+        notes.append('no checkpoint family: ImageNet mean/std written (choose the preprocessing when loading)')
     if weights.raw_fallback:
         notes.append(
             f'--allow-partial-ema: {len(weights.raw_fallback)} variables have no EMA shadow and use raw '

@@ -39,7 +39,7 @@ def tiny_dir(converted_tiny) -> Path:
 def b0_dir(tmp_path_factory) -> Path:
     source = shared_path('efficientnet-b0')
     out = tmp_path_factory.mktemp('cli') / 'b0'
-    convert(str(source), out)
+    convert(str(source), out, tag='none')
     return out
 
 

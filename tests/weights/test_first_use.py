@@ -62,6 +62,7 @@ def child(step):
     for fd, path in ((1, step['stdout']), (2, step['stderr'])):
         os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
     try:
+        exec(step.get('prelude', ''), {})  # e.g. a pin added to TAGS, as a maintainer would
         exec(step['exec'], {}) if 'exec' in step else load(**step['load'])
         code = 0
     except effnet_timm.PretrainedWeightsError as err:
@@ -115,7 +116,7 @@ class Client:
             [sys.executable, '-c', CLIENT], env=env, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE
         )
 
-    def load(self, cache: Path, specs, processes: int = 1, background: bool = False, **env: str):
+    def load(self, cache: Path, specs, processes: int = 1, background: bool = False, prelude: str = '', **env: str):
         self.steps += 1
         out = self.home / f'step-{self.steps}'
         for k in range(processes):
@@ -126,6 +127,7 @@ class Client:
             stderr=str(out / 'err'),
             processes=processes,
             background=background,
+            prelude=prelude,
             load=dict(out=str(out), inputs=str(INPUTS), specs=[[n, k] for n, k in specs]),
         )
         self.proc.stdin.write(json.dumps(step) + '\n')
@@ -269,8 +271,9 @@ def test_first_use_downloads_converts_and_reproduces_the_official_logits(first_u
     cache, result, hub_requests, bucket_requests = first_use
     assert result.code == 0, result.stderr[-3000:]
     _assert_official_logits(result.logits(), official[0])
-    # The Hub was asked (repository not found) before the bucket, which served the tarball once.
-    assert hub_requests and all('effnet_v1_b0.aa_in1k' in r for r in hub_requests)
+    # No unpinned Hub repo is asked (whoever registers the name would control the weights); the bucket served
+    # the tarball once.
+    assert hub_requests == []
     assert bucket_requests == [f'GET {AA}']
     assert result.info()['file'] == str(cache / NAME / 'model.safetensors')
     # The cache keeps the converted entry, not the tarball; its provenance names the tarball and its sha256.
@@ -444,7 +447,8 @@ def test_bucket_fault_is_one_line_then_a_healthy_bucket_succeeds(client, bucket,
             bucket.files[AA] = data
     line = failed.line()
     assert fragment in line and f'{bucket.root}{AA}' in line and NAME in line, line
-    assert 'Hub effnet-timm/effnet_v1_b0.aa_in1k: repository not found' in line
+    assert 'Hub' not in line and 'EFFNET_TIMM_CKPT_ROOT' in line and f'effnet-timm download {NAME}' in line, line
+    assert 'pretrained_cfg_overlay=dict(file=...)' in line
     assert _untrusted(cache)
     assert not list(cache.glob('effnet_v1_b0*'))
     healthy = client.load(cache, [(NAME, {})])
@@ -510,8 +514,8 @@ class SilentHub:
             conn.close()
 
 
-def test_unreachable_hub_is_tried_once_then_the_bucket(client, bucket, tmp_path, official):
-    """huggingface_hub alone would retry a silent Hub with backoff (6 tries, ~25 s); the resolver asks once."""
+def test_unpinned_hub_is_not_asked_even_when_it_hangs(client, bucket, tmp_path, official):
+    """A silent Hub costs nothing: no TAGS row pins a Hub revision, so the resolver goes to the bucket."""
     hub = SilentHub()
     script = f"""
 import timm, effnet_timm
@@ -532,29 +536,75 @@ timm.create_model({NAME!r}, pretrained=True)
     finally:
         hub.close()
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert len(hub.connections) == 1
+    assert len(hub.connections) == 0
     assert len(bucket.gets(AA)) == seen + 1 and not _untrusted(tmp_path / 'c')
 
 
 # --- the Hub first, mirrors ---------------------------------------------------------------------------------------
 
 
-def test_published_hub_repo_is_used_and_the_bucket_not_asked(client, bucket, hub, first_use, tmp_path, official):
+def _other_weights(path: Path) -> bytes:
+    """A valid B0 safetensors with other weights than the official ones (the classifier negated)."""
+    from safetensors.torch import load_file, save
+
+    state = load_file(str(path))
+    state['classifier.weight'] = -state['classifier.weight']
+    return save(state, metadata={'format': 'pt'})
+
+
+def _pin_prelude(revision: str, sha256: str) -> str:
+    return (
+        'import dataclasses\n'
+        'from effnet_timm.weights.tags import TAGS, HubPin\n'
+        "TAGS['aa_in1k'] = dataclasses.replace(TAGS['aa_in1k'], "
+        f"hub_pins={{'effnet_v1_b0': HubPin({revision!r}, {sha256!r})}})\n"
+    )
+
+
+def test_hub_repo_is_used_only_when_pinned_and_only_with_the_pinned_bytes(
+    client, bucket, hub, first_use, tmp_path, official
+):
+    """Someone registers `effnet-timm/effnet_v1_b0.aa_in1k` and publishes other weights there: not used by default;
+    used when its TAGS row pins that commit and sha256; a pin whose sha256 the file does not have falls through."""
+    import hashlib
+
     cache, first, _, _ = first_use
-    repo_id = 'effnet-timm/effnet_v1_b0.in1k'
-    files = {name: (cache / NAME / name).read_bytes() for name in ('model.safetensors', 'config.json')}
+    other = _other_weights(cache / NAME / 'model.safetensors')
+    repo_id = f'effnet-timm/{NAME}'
     repo = hub.repos[repo_id] = Repo(private=False)
-    hub._add_commit(repo, 'main', 'published', '', files)
-    seen = len(bucket.requests)
+    commit = hub._add_commit(repo, 'main', 'published', '', {'model.safetensors': other})
     try:
-        result = client.load(tmp_path / 'cache', [('effnet_v1_b0.in1k', {})])
+        seen, hub_seen = len(bucket.requests), len(hub.requests)
+        default = client.load(tmp_path / 'default', [(NAME, {})])
+        assert default.code == 0, default.stderr[-3000:]
+        assert hub.requests[hub_seen:] == [] and bucket.requests[seen:] == [f'GET {AA}']
+        _assert_official_logits(default.logits(), official[0])
+
+        seen = len(bucket.requests)
+        pinned = client.load(
+            tmp_path / 'pinned', [(NAME, {})], prelude=_pin_prelude(commit.oid, hashlib.sha256(other).hexdigest())
+        )
+        assert pinned.code == 0, pinned.stderr[-3000:]
+        assert bucket.requests[seen:] == [] and '/snapshots/' in pinned.info()['file']
+        np.testing.assert_allclose(pinned.logits(), -first.logits() + 2 * _bias_logits(cache), rtol=1e-4, atol=1e-4)
+        assert not (tmp_path / 'pinned' / NAME).exists()
+
+        seen = len(bucket.requests)
+        official_sha = hashlib.sha256((cache / NAME / 'model.safetensors').read_bytes()).hexdigest()
+        mismatch = client.load(tmp_path / 'mismatch', [(NAME, {})], prelude=_pin_prelude(commit.oid, official_sha))
+        assert mismatch.code == 0, mismatch.stderr[-3000:]
+        assert bucket.requests[seen:] == [f'GET {AA}']
+        _assert_official_logits(mismatch.logits(), official[0])
+        (warning,) = [line for line in mismatch.stderr.splitlines() if 'the pin says' in line]
+        assert repo_id in warning and official_sha in warning and 'not used' in warning, warning
     finally:
         del hub.repos[repo_id]
-    assert result.code == 0, result.stderr[-3000:]
-    assert bucket.requests[seen:] == []
-    assert '/snapshots/' in result.info()['file']  # from the Hub cache, not ours
-    np.testing.assert_array_equal(result.logits(), first.logits())
-    assert not (tmp_path / 'cache' / 'effnet_v1_b0.in1k').exists()
+
+
+def _bias_logits(cache: Path) -> np.ndarray:
+    from safetensors.torch import load_file
+
+    return load_file(str(cache / NAME / 'model.safetensors'))['classifier.bias'].numpy()[None]
 
 
 @pytest.mark.parametrize('style', ['file-url', 'folder'])
@@ -854,7 +904,7 @@ def test_full_disk_is_one_line_without_retries_and_frees_the_partial_file(bucket
 
 
 def test_record_does_not_rehash_files_the_converter_recorded(tmp_path, monkeypatch):
-    from effnet_timm import weights_cache
+    from effnet_timm.weights import cache as weights_cache
 
     (tmp_path / 'config.json').write_text(json.dumps({'effnet_timm': {'files': {'model.safetensors': {}}}}))
     calls = []
@@ -867,7 +917,7 @@ def test_record_does_not_rehash_files_the_converter_recorded(tmp_path, monkeypat
 def test_complete_part_of_a_killed_download_is_verified_not_fetched_again(bucket, tmp_path, monkeypatch):
     """Killed after the last byte was written, before verify and rename: the next call asks nothing (it used to
     send `Range: bytes=<size>-`, get 416 and start over), and still checks the bytes against X-Goog-Hash."""
-    from effnet_timm import download as dl
+    from effnet_timm.weights import download as dl
 
     data = os.urandom(200_000)
     bucket.files['/x/complete.tar.gz'] = data
@@ -914,7 +964,7 @@ def test_full_disk_while_filling_is_one_line_the_batch_goes_on_and_the_tarball_i
     without fetching it again."""
     import errno
 
-    from effnet_timm import weights_cache
+    from effnet_timm.weights import cache as weights_cache
     from effnet_timm_cli import main
 
     record = weights_cache._record
@@ -945,7 +995,7 @@ def test_full_disk_while_filling_is_one_line_the_batch_goes_on_and_the_tarball_i
 
 
 def test_kept_tarball_that_changed_on_disk_is_fetched_again(cli_env, bucket, official, monkeypatch):
-    from effnet_timm import weights_cache
+    from effnet_timm.weights import cache as weights_cache
 
     download_dir = cli_env / '.tmp' / NAME / 'download'
 
@@ -967,7 +1017,8 @@ def test_kept_tarball_that_changed_on_disk_is_fetched_again(cli_env, bucket, off
 
 
 def test_download_command_honours_hf_hub_disable_progress_bars(cli_env, bucket, monkeypatch):
-    from effnet_timm import download as dl
+    from effnet_timm.weights import cache as weights_cache
+    from effnet_timm.weights import download as dl
     from effnet_timm_cli import main
 
     asked = []
@@ -976,7 +1027,7 @@ def test_download_command_honours_hf_hub_disable_progress_bars(cli_env, bucket, 
         asked.append(progress)
         raise dl.DownloadError(f'cannot download {url}: stopped by the test')
 
-    monkeypatch.setattr(dl, 'download', fake_download)
+    monkeypatch.setattr(weights_cache, 'download', fake_download)
     monkeypatch.setenv('HF_HUB_DISABLE_PROGRESS_BARS', '1')
     assert main(['download', NAME]) == 2
     assert asked == [False]
@@ -986,8 +1037,8 @@ def test_full_disk_while_converting_keeps_the_downloaded_tarball(cli_env, bucket
     """The converter reports a full disk as a CheckpointError like a bad tarball; the tarball is still kept."""
     import resource
 
-    from effnet_timm import weights_cache
     from effnet_timm.errors import PretrainedWeightsError
+    from effnet_timm.weights import cache as weights_cache
 
     tarball = cli_env / '.tmp' / NAME / 'download' / 'efficientnet-b0.tar.gz'
     seen = len(bucket.gets(AA))
