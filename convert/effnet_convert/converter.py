@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 import effnet_timm  # noqa: F401  (registers the architectures with timm)
+from effnet_timm.models.config import VARIANTS
 from effnet_timm.weights.integrity import file_digests, sha256_file
 from effnet_timm.weights.tags import TAGS, official_url, pretrained_cfg, tag_of_official_path, tag_of_sha256
 
@@ -302,7 +303,7 @@ def _convert_into(
     overwrite: bool,
     progress: bool,
 ) -> ConversionResult:
-    resolved = resolve_source(source, work / 'source', sha256)
+    resolved = resolve_source(source, work / 'source', sha256, max_unpacked=_unpack_cap(variant))
     with TensorBundle(resolved.prefix) as bundle:
         weights = read_weights(bundle, variant, ema, allow_partial_ema, progress, keep_official=verify, tag=tag)
     notes = []
@@ -343,6 +344,18 @@ def _convert_into(
     _output_call(out_dir, lambda: _write_folder(staging, model, weights, result, resolved))
     _output_call(out_dir, lambda: _move_into_place(staging, out_dir, work, overwrite))
     return result
+
+
+def _unpack_cap(variant: str | None) -> int | None:
+    """Bytes of checkpoint files an official `variant` can need: 4-byte values of every tensor, four times over
+    (raw, EMA shadow, two RMSProp slots), plus room for the index. None when no variant is expected."""
+    if variant not in VARIANTS:
+        return None
+    import timm
+
+    with torch.device('meta'):
+        numel = sum(t.numel() for t in timm.create_model(variant).state_dict().values())
+    return numel * 4 * 4 + (16 << 20)
 
 
 def _output_call(out_dir: Path, write):

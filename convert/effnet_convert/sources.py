@@ -42,19 +42,23 @@ class ResolvedSource:
     archive_sha256: str | None = None  # of the tarball, for provenance; None for unpacked sources
 
 
-def resolve_source(source: str, workdir: Path, expected_sha256: str | None = None) -> ResolvedSource:
+def resolve_source(
+    source: str, workdir: Path, expected_sha256: str | None = None, max_unpacked: int | None = None
+) -> ResolvedSource:
     """Find the checkpoint ``source`` names; archives are unpacked (URLs downloaded first) into ``workdir``.
 
     ``expected_sha256`` is checked against the archive; it is an error for a source that is not an archive.
+    ``max_unpacked``: bytes of checkpoint files an archive may unpack to at most, whatever its own index declares
+    (the converter passes what the expected variant can hold).
     """
     if source.startswith(('http://', 'https://')):
         archive, digest = download(source, workdir, expected_sha256)
-        return _from_archive(archive, workdir, source, 'url', digest)
+        return _from_archive(archive, workdir, source, 'url', digest, max_unpacked)
     path = Path(source).expanduser()
     if path.is_file() and path.name.lower().endswith(_TAR_SUFFIXES):
         digest = sha256_file(path)
         _check_sha256(str(path), expected_sha256, digest)
-        return _from_archive(path, workdir, source, 'archive', digest)
+        return _from_archive(path, workdir, source, 'archive', digest, max_unpacked)
     if expected_sha256:
         raise CheckpointError(f'{source}: a sha256 can only be checked for a tarball or URL')
     if path.is_dir():
@@ -144,8 +148,10 @@ def _is_within(path: str, root: str) -> bool:
     return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
 
 
-def _from_archive(archive: Path, workdir: Path, origin: str, kind: str, digest: str) -> ResolvedSource:
-    root = _extract(archive, workdir)
+def _from_archive(
+    archive: Path, workdir: Path, origin: str, kind: str, digest: str, max_unpacked: int | None = None
+) -> ResolvedSource:
+    root = _extract(archive, workdir, max_unpacked)
     # The official tars disagree on their inner folder names, so look for the checkpoint wherever it is.
     folders = sorted({index.parent for index in root.rglob('*.index')})
     if not folders:
@@ -162,7 +168,7 @@ def _from_archive(archive: Path, workdir: Path, origin: str, kind: str, digest: 
     return resolved
 
 
-def _extract(archive: Path, workdir: Path) -> Path:
+def _extract(archive: Path, workdir: Path, max_unpacked: int | None = None) -> Path:
     """Unpack the checkpoint files into a new folder under ``workdir``, removed again if anything fails.
 
     Only what a checkpoint consists of is written (``checkpoint``, ``*.index``, data shards; not the
@@ -175,7 +181,7 @@ def _extract(archive: Path, workdir: Path) -> Path:
             members, indexes = _scan(tar, archive)
             _check_members(members, archive)
             wanted = [m for m in members if _is_checkpoint_member(m)]
-            _check_expansion(members, wanted, indexes, archive)
+            _check_expansion(members, wanted, indexes, archive, max_unpacked)
             # tarfile's own 'data' filter (Python >= 3.10.12 / 3.11.4) also resolves real paths while
             # extracting; older Pythons rely on _check_members alone.
             if hasattr(tarfile, 'data_filter'):
@@ -240,7 +246,11 @@ def _scan(tar: tarfile.TarFile, archive: Path) -> tuple[list[tarfile.TarInfo], d
 
 
 def _check_expansion(
-    members: list[tarfile.TarInfo], wanted: list[tarfile.TarInfo], indexes: dict[str, bytes], archive: Path
+    members: list[tarfile.TarInfo],
+    wanted: list[tarfile.TarInfo],
+    indexes: dict[str, bytes],
+    archive: Path,
+    max_unpacked: int | None = None,
 ) -> None:
     """Refuse, before writing anything, an archive that would unpack to far more than its checkpoint needs.
 
@@ -257,6 +267,11 @@ def _check_expansion(
         elif member.isreg():
             total += member.size
     limit = _EXPANSION_FACTOR * declared + index_bytes + _EXPANSION_SLACK
+    if max_unpacked is not None and total > max_unpacked:  # what the archive declares is no bound on itself
+        raise CheckpointError(
+            f'{archive}: would unpack {total} bytes of checkpoint files, more than the {max_unpacked} that the '
+            f'expected variant can hold (raw, EMA and optimizer slots)'
+        )
     if total > limit:
         raise CheckpointError(
             f'{archive}: would unpack {total} bytes of checkpoint files, more than {limit} '

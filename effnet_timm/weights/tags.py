@@ -28,7 +28,9 @@ __all__ = [
     'hub_repo_id',
     'official_path',
     'pretrained_cfg',
+    'reload_pins',
     'tag_of_official_path',
+    'tag_of_sha256',
     'tarball_pin',
     'tarball_pins',
 ]
@@ -164,6 +166,11 @@ def _pins_from(path: str) -> dict[str, TarballPin]:
 def tarball_pins() -> dict[str, TarballPin]:
     """Official path (as `official_path`) -> TarballPin, from `pins.json` beside this module."""
     return _pins_from(str(PINS_FILE))
+
+
+def reload_pins() -> None:
+    """Read `pins.json` again at the next look-up (after `--record-pins` wrote it)."""
+    _pins_from.cache_clear()
 
 
 def tarball_pin(variant: str, tag: str) -> TarballPin | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -1058,3 +1059,273 @@ def test_full_disk_while_converting_keeps_the_downloaded_tarball(cli_env, bucket
     assert '\n' not in str(err.value) and tarball.read_bytes() == official[1]
     entry = weights_cache.fill_entry('effnet_v1_b0', 'aa_in1k', progress=False)
     assert len(bucket.gets(AA)) == seen + 1 and entry.fetched_now and not _untrusted(cli_env)
+
+
+# --- issue 16: locks on NFS, output-side failures, fast loads, pins, what a user sees ------------------------------
+
+
+def test_first_use_fills_the_cache_where_flock_needs_a_writable_descriptor(cli_env, bucket, official, monkeypatch):
+    """NFS emulates flock with byte-range locks, which need a descriptor open for writing: an exclusive flock on a
+    read-only descriptor (as a directory lock takes) fails with EBADF there. First use must still work."""
+    import errno
+    import fcntl
+
+    from effnet_timm.weights import cache as weights_cache
+
+    real_flock = fcntl.flock
+    refused = []
+
+    def nfs_flock(fd, operation):
+        number = fd if isinstance(fd, int) else fd.fileno()
+        if operation & fcntl.LOCK_EX and fcntl.fcntl(number, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+            refused.append(number)
+            raise OSError(errno.EBADF, 'Bad file descriptor')
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, 'flock', nfs_flock)
+    entry = weights_cache.fill_entry('effnet_v1_b0', 'aa_in1k', progress=False)
+    assert entry.fetched_now and not _untrusted(cli_env) and refused == []
+
+
+def test_safetensors_error_while_writing_keeps_the_verified_tarball(cli_env, bucket, official, monkeypatch):
+    """A file-size limit (or a full disk) while safetensors writes raises its own SafetensorError, not an OSError:
+    still an output-side failure, so the verified tarball is kept and the next call does not fetch it again."""
+    import resource
+
+    import effnet_convert.converter as converter
+    from effnet_timm.errors import PretrainedWeightsError
+    from effnet_timm.weights import cache as weights_cache
+
+    real_save = converter.save_file
+
+    def save_under_a_file_size_limit(*args, **kwargs):
+        limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+        previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, limits[1]))
+        try:
+            return real_save(*args, **kwargs)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+            signal.signal(signal.SIGXFSZ, previous)
+
+    tarball = cli_env / '.tmp' / NAME / 'download' / 'efficientnet-b0.tar.gz'
+    seen = len(bucket.gets(AA))
+    with monkeypatch.context() as m:
+        m.setattr(converter, 'save_file', save_under_a_file_size_limit)
+        with pytest.raises(PretrainedWeightsError, match='File too large') as err:
+            weights_cache.fill_entry('effnet_v1_b0', 'aa_in1k', progress=False)
+    assert '\n' not in str(err.value) and tarball.read_bytes() == official[1]
+    entry = weights_cache.fill_entry('effnet_v1_b0', 'aa_in1k', progress=False)
+    assert len(bucket.gets(AA)) == seen + 1 and entry.fetched_now and not _untrusted(cli_env)
+    assert not (cli_env / '.tmp').exists()  # converted: nothing kept, no empty folders
+
+
+def test_later_loads_compare_stat_and_hash_only_what_changed(cli_env, bucket, monkeypatch):
+    """The sha256 is computed when the entry is filled; a second create_model (every rank of a job) compares size,
+    mtime, ctime and inode, and reads the weights again only when one changed."""
+    import timm
+
+    from effnet_timm.weights import integrity
+    from effnet_timm.weights.cache import entry_state, fill_entry
+
+    entry = fill_entry('effnet_v1_b0', 'aa_in1k', progress=False)
+    hashed = []
+    real = integrity.digest_file
+    monkeypatch.setattr(
+        integrity, 'digest_file', lambda path, *a, **k: hashed.append(Path(path).name) or real(path, *a, **k)
+    )
+    model = timm.create_model(NAME, pretrained=True)
+    assert model.pretrained_cfg['file'] == str(entry.weights) and hashed == []
+    os.utime(entry.weights)  # touched: checked again once, then trusted again by its new stat
+    assert entry_state('effnet_v1_b0', 'aa_in1k')[0] is not None and hashed == ['model.safetensors']
+    assert entry_state('effnet_v1_b0', 'aa_in1k')[0] is not None and hashed == ['model.safetensors']
+    before = entry.weights.stat()
+    data = bytearray(entry.weights.read_bytes())
+    data[-5] ^= 1
+    entry.weights.write_bytes(bytes(data))
+    os.utime(entry.weights, ns=(before.st_atime_ns, before.st_mtime_ns))  # same size and mtime; ctime moved
+    found, why = entry_state('effnet_v1_b0', 'aa_in1k')
+    assert found is None and why.startswith('damaged (') and 'sha256' in why, why
+    assert entry_state('effnet_v1_b0', 'aa_in1k', rehash=True)[0] is None
+
+
+def test_http_mirror_without_hash_is_refused_unless_opted_in(cli_env, bucket, official):
+    from effnet_timm.errors import PretrainedWeightsError
+    from effnet_timm.weights.cache import fill_entry
+
+    bucket.faults[AA] = Fault('no_hash')
+    try:
+        with pytest.raises(PretrainedWeightsError) as err:
+            fill_entry('effnet_v1_b0', 'aa_in1k', progress=False)
+        assert 'no X-Goog-Hash' in str(err.value) and 'EFFNET_TIMM_ALLOW_UNVERIFIED=1' in str(err.value)
+        assert _untrusted(cli_env) and not (cli_env / '.tmp').exists()
+        os.environ['EFFNET_TIMM_ALLOW_UNVERIFIED'] = '1'
+        try:
+            entry = fill_entry('effnet_v1_b0', 'aa_in1k', progress=False)
+        finally:
+            del os.environ['EFFNET_TIMM_ALLOW_UNVERIFIED']
+    finally:
+        bucket.faults.pop(AA, None)
+    assert entry.fetched_now and not _untrusted(cli_env)
+
+
+def _pins_file(tmp_path: Path, data: bytes, path: str = AA) -> Path:
+    import hashlib
+
+    pins = tmp_path / 'pins.json'
+    pins.write_text(
+        json.dumps({'tarballs': {path.lstrip('/'): {'sha256': hashlib.sha256(data).hexdigest(), 'size': len(data)}}})
+    )
+    return pins
+
+
+@pytest.mark.parametrize('source', ['bucket', 'folder'])
+def test_pinned_tarball_is_checked_whatever_the_source(cli_env, bucket, official, tmp_path, monkeypatch, source):
+    """A pin decides, even where X-Goog-Hash agrees with the bytes or where the mirror is a local folder."""
+    from effnet_timm.errors import PretrainedWeightsError
+    from effnet_timm.weights import tags
+    from effnet_timm.weights.cache import fill_entry
+
+    if source == 'folder':
+        mirror = tmp_path / 'mirror'
+        (mirror / 'ckptsaug').mkdir(parents=True)
+        (mirror / AA.lstrip('/')).write_bytes(official[1])
+        monkeypatch.setenv('EFFNET_TIMM_CKPT_ROOT', str(mirror))
+    monkeypatch.setattr(tags, 'PINS_FILE', _pins_file(tmp_path, official[1] + b'other'))
+    with pytest.raises(PretrainedWeightsError) as err:
+        fill_entry('effnet_v1_b0', 'aa_in1k', progress=False)
+    assert 'pin' in str(err.value) and '\n' not in str(err.value), err.value
+    assert _untrusted(cli_env)
+    monkeypatch.setattr(tags, 'PINS_FILE', _good_pins(tmp_path, official[1]))
+    entry = fill_entry('effnet_v1_b0', 'aa_in1k', progress=False)
+    assert entry.fetched_now and not _untrusted(cli_env)
+    config = json.loads((entry.folder / 'config.json').read_text())
+    assert config['effnet_timm']['cache']['pinned'] is True
+
+
+def _good_pins(tmp_path: Path, data: bytes) -> Path:
+    folder = tmp_path / 'good-pins'
+    folder.mkdir(exist_ok=True)
+    return _pins_file(folder, data)
+
+
+def test_offline_with_a_local_mirror_fills_the_cache(client, bucket, official, tmp_path):
+    mirror = tmp_path / 'mirror'
+    (mirror / 'ckptsaug').mkdir(parents=True)
+    (mirror / AA.lstrip('/')).write_bytes(official[1])
+    seen = len(bucket.requests)
+    for root in (str(mirror), mirror.as_uri()):
+        cache = tmp_path / f'cache-{len(root)}'
+        result = client.load(cache, [(NAME, {})], EFFNET_TIMM_CKPT_ROOT=root, HF_HUB_OFFLINE='1')
+        assert result.code == 0, result.stderr[-3000:]
+        _assert_official_logits(result.logits(), official[0])
+    assert bucket.requests[seen:] == []
+
+
+def test_what_a_new_user_sees_when_nothing_can_be_reached(client, tmp_path):
+    """No network at all: one line that says only what is true (no `.part` is named when no byte arrived), the
+    seconds spent, and the ways out; no empty folders left in the cache."""
+    import socket
+
+    with socket.socket() as probe:  # a port that was just free: nothing listens there
+        probe.bind(('127.0.0.1', 0))
+        port = probe.getsockname()[1]
+    cache = tmp_path / 'cache'
+    result = client.load(
+        cache, [(NAME, {})], EFFNET_TIMM_CKPT_ROOT=f'http://127.0.0.1:{port}/eff', EFFNET_TIMM_DOWNLOAD_ATTEMPTS='2'
+    )
+    line = result.line()
+    assert f'http://127.0.0.1:{port}/eff{AA}' in line and '.part' not in line, line
+    assert re.search(r'could not load pretrained weights \(\d+ s\)', line), line
+    assert 'EFFNET_TIMM_CKPT_ROOT' in line and f'effnet-timm download {NAME}' in line, line
+    assert 'pretrained_cfg_overlay=dict(file=...)' in line and 'attempts in' in line
+    assert sorted(str(p.relative_to(cache)) for p in cache.rglob('*')) == ['.locks', f'.locks/{NAME}.lock']
+
+
+def test_offline_damaged_entry_is_called_damaged(first_use, tmp_path, client):
+    cache, _, _, _ = first_use
+    damaged = tmp_path / 'cache'
+    shutil.copytree(cache / NAME, damaged / NAME)
+    data = bytearray((damaged / NAME / 'model.safetensors').read_bytes())
+    data[-5] ^= 1
+    (damaged / NAME / 'model.safetensors').write_bytes(bytes(data))
+    line = client.load(damaged, [(NAME, {})], HF_HUB_OFFLINE='1').line()
+    assert f'cache {damaged / NAME}: damaged (' in line and 'not there' not in line, line
+    assert 'HF_HUB_OFFLINE=1' in line
+
+
+def test_download_command_honours_hf_hub_offline(cli_env, bucket, capsys, monkeypatch):
+    from effnet_timm_cli import main
+
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    seen = len(bucket.requests)
+    assert main(['download', NAME, '--no-progress']) == 2
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert 'offline (HF_HUB_OFFLINE=1)' in err and bucket.requests[seen:] == []
+
+
+def test_download_record_pins_fills_the_pins_file_from_the_bucket(
+    cli_env, bucket, official, tmp_path, capsys, monkeypatch
+):
+    import hashlib
+
+    from effnet_timm.weights import tags
+    from effnet_timm.weights.cache import fill_entry
+    from effnet_timm_cli import main
+
+    pins = tmp_path / 'pins.json'
+    pins.write_text(json.dumps({'_about': 'kept', 'tarballs': {}}))
+    assert main(['download', NAME, 'effnet_v1_b0.in1k', '--record-pins', str(pins), '--no-progress']) == 0
+    capsys.readouterr()
+    expected = dict(sha256=hashlib.sha256(official[1]).hexdigest(), size=len(official[1]))
+    data = json.loads(pins.read_text())
+    assert data == {
+        '_about': 'kept',
+        'tarballs': {'ckpts/efficientnet-b0.tar.gz': expected, 'ckptsaug/efficientnet-b0.tar.gz': expected},
+    }
+    assert _untrusted(cli_env) and not list(tmp_path.glob('effnet-timm-pins-*'))  # pins only, nothing cached
+    monkeypatch.setattr(tags, 'PINS_FILE', pins)
+    assert fill_entry('effnet_v1_b0', 'aa_in1k', progress=False).fetched_now
+    # A bucket answer without X-Goog-Hash is never pinned.
+    bucket.faults[NS] = Fault('no_hash')
+    try:
+        assert main(['download', 'effnet_v1_b0.ns_jft_in1k', '--record-pins', str(pins), '--no-progress']) == 2
+    finally:
+        bucket.faults.pop(NS, None)
+    assert 'X-Goog-Hash' in capsys.readouterr().err
+    assert 'noisystudent/noisy_student_efficientnet-b0.tar.gz' not in json.loads(pins.read_text())['tarballs']
+
+
+def test_download_list_prints_every_official_url(capsys):
+    from effnet_timm_cli import main
+
+    assert main(['download', '--list']) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 9 + 9 + 1 + 3 + 8 + 6
+    root = 'https://storage.googleapis.com/cloud-tpu-checkpoints/efficientnet'
+    assert lines[0].split() == [
+        'effnet_v1_l2.ns_jft_in1k_475',
+        f'{root}/noisystudent/noisy_student_efficientnet-l2_475.tar.gz',
+    ]
+    assert f'effnet_v1_b8.ra_in1k  {root}/randaug/efficientnet-b8-randaug.tar.gz' in lines
+    assert main(['download', '--list', 'effnet_v1_b0']) == 0  # the bare name means its first tag
+    assert capsys.readouterr().out.split() == [
+        'effnet_v1_b0.ns_jft_in1k',
+        f'{root}/noisystudent/noisy_student_efficientnet-b0.tar.gz',
+    ]
+
+
+def test_download_verify_hashes_again(cli_env, bucket, capsys):
+    from effnet_timm.weights.cache import fill_entry
+    from effnet_timm_cli import main
+
+    entry = fill_entry('effnet_v1_b0', 'aa_in1k', progress=False)
+    assert main(['download', NAME, '--verify']) == 0
+    assert [r[4] for r in _table(capsys.readouterr().out)] == ['verified']
+    before = entry.weights.stat()
+    data = bytearray(entry.weights.read_bytes())
+    data[-5] ^= 1
+    entry.weights.write_bytes(bytes(data))
+    os.utime(entry.weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert main(['download', NAME, '--verify']) == 2
+    assert 'damaged (' in capsys.readouterr().err
