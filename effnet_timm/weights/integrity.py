@@ -27,11 +27,14 @@ _CHUNK = 1 << 20  # 1 MiB reads: large enough that hashing, not the syscalls, se
 def digest_file(path: Path, algorithms: Sequence[str] = ('sha256',)) -> dict[str, str]:
     """The digests of a file's bytes in one pass, read in chunks (memory stays flat for multi-GB files).
 
-    'sha256' and 'md5' give hex; 'md5_b64' and 'crc32c' the base64 form Google Cloud Storage's `X-Goog-Hash` uses.
-    The one place the project hashes files: the cache, the downloader and the converter all call it."""
+    'sha256', 'md5' and 'git_blob' (git's object id) give hex; 'md5_b64' and 'crc32c' the base64 form of Google
+    Cloud Storage's `X-Goog-Hash`. The one place the project hashes files: the cache, the downloader, the converter
+    and the Hub publisher all call it."""
     hashers = {
         name: hashlib.new(name) for name in ('sha256', 'md5') if name in algorithms or f'{name}_b64' in algorithms
     }
+    if 'git_blob' in algorithms:  # the git object id the Hub reports for regular files
+        hashers['git_blob'] = hashlib.sha1(b'blob %d\0' % Path(path).stat().st_size)
     crc = 0 if 'crc32c' in algorithms else None
     if crc is not None:
         import crc32c

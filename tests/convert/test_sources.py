@@ -308,3 +308,22 @@ def test_url_is_fetched_by_the_one_downloader_resumed_and_hash_checked(tmp_path:
             resolve_source(url, tmp_path / 'b')
     assert '\n' not in str(info.value) and '.part' not in str(info.value)
     assert list((tmp_path / 'b').iterdir()) == []
+
+
+def test_unpacked_size_is_bounded_by_what_the_variant_can_hold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The expansion cap does not come only from sizes the (untrusted) archive declares about itself: with an
+    expected variant, what that variant can hold (parameters x 4 bytes x raw, EMA and optimizer slots) bounds it."""
+    import effnet_convert.sources as sources
+    from effnet_convert.converter import _unpack_cap, convert
+
+    archive = official_like_tar(tmp_path / 'efficientnet-b0.tar.gz', 'efficientnet-b0')
+    with pytest.raises(CheckpointError, match='more than the 1000 that the expected variant can hold'):
+        resolve_source(str(archive), tmp_path / 'work', max_unpacked=1000)
+    assert list((tmp_path / 'work').iterdir()) == []
+    caps = []
+    check = sources._check_expansion
+    monkeypatch.setattr(sources, '_check_expansion', lambda *args: caps.append(args[-1]) or check(*args))
+    with pytest.raises(CheckpointError, match='disagrees|effnet_v1_b0'):
+        convert(str(archive), tmp_path / 'out', variant='effnet_v1_b0', tag='none')
+    b0_numel = 5_288_548 + 42_560  # parameters + BatchNorm statistics
+    assert caps == [_unpack_cap('effnet_v1_b0')] and 16 * b0_numel < caps[0] < 17 * b0_numel + (16 << 20)
