@@ -450,9 +450,9 @@ def _convert(tarball: Path, out: Path, variant: str, tag: str, location: str) ->
         # variant= makes the converter refuse a tarball that holds another architecture.
         convert(str(tarball), out, variant=variant, tag=tag)
     except OutputError as err:  # writing failed (full disk, size limit, permissions): not the tarball's fault
-        raise _NotTheTarballsFault(f'{location}: {_strip_paths(first_line(err), tarball, out)}') from None
+        raise _NotTheTarballsFault(_about_tarball(first_line(err), location, tarball, out)) from None
     except (CheckpointError, InputError) as err:
-        raise PretrainedWeightsError(f'{location}: {_strip_paths(first_line(err), tarball, out)}') from None
+        raise PretrainedWeightsError(_about_tarball(first_line(err), location, tarball, out)) from None
     return out
 
 
@@ -553,11 +553,14 @@ def _local_path(location: str) -> Path | None:
     return Path(location).expanduser()
 
 
-def _strip_paths(message: str, *paths: Path) -> str:
-    # The converter names its working files; the user knows the tarball by its URL.
-    for path in paths:
-        message = message.replace(str(path.parent) + os.sep, '')
-    return message
+def _about_tarball(message: str, location: str, tarball: Path, out: Path) -> str:
+    """The converter's message about the tarball as the user knows it: by its URL (the downloaded copy may be
+    gone), and a member by `<URL>:<member>` instead of the temporary folder it was unpacked into."""
+    message = message.replace(str(tarball), location)
+    unpacked = re.escape(str(out.parent)) + r'/[^ ]*?/source/[^/ ]+/'
+    message = re.sub(unpacked, lambda _: f'{location}:', message)
+    message = message.replace(str(out.parent) + os.sep, '')
+    return message if message.startswith(location) else f'{location}: {message}'
 
 
 def _check_known(variant: str, tag: str) -> None:

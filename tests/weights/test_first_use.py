@@ -475,6 +475,7 @@ def test_tarball_of_another_variant_is_refused_and_not_cached(client, bucket, tm
     cache = tmp_path / 'cache'
     line = client.load(cache, [('effnet_v1_b1.aa_in1k', {})]).line()
     assert '/ckptsaug/efficientnet-b1.tar.gz' in line and 'effnet_v1_b1' in line and 'effnet_v1_b0' in line, line
+    assert '.tmp' not in line and str(cache) not in line.split('official checkpoint: ', 1)[1], line  # no temp path
     assert _untrusted(cache, 'effnet_v1_b1')
     assert not list(cache.glob('effnet_v1_b1*')) and not list(cache.rglob('*.tar.gz*'))
 
