@@ -79,7 +79,7 @@ class TagSpec:
     std: tuple[float, float, float] = IMAGENET_DEFAULT_STD
     input_size: int | None = None  # evaluated at another size than the variant's native one
     # variant -> HubPin of its published Hub repo; optional: a row without pins is served from the official tarball
-    hub_pins: Mapping[str, HubPin] = field(default_factory=dict)
+    hub_pins: Mapping[str, HubPin] = field(default_factory=dict, hash=False)
 
 
 def _bs(*indices: int) -> tuple[str, ...]:
