@@ -220,6 +220,9 @@ def _run_validate(args: argparse.Namespace) -> int:
 
     check_output_path(args.results_file, ('.json', '.csv'), '--results-file')
     check_output_path(args.per_image, ('.csv',), '--per-image')
+    from effnet_timm.commands.outputs import check_distinct
+
+    check_distinct({'--results-file': args.results_file, '--per-image': args.per_image})
     if args.workers < 0:
         from effnet_timm.errors import InputError
 
@@ -292,6 +295,7 @@ def _download_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_download(args: argparse.Namespace) -> int:
+    from effnet_timm.commands.outputs import check_weights_cache
     from effnet_timm.weights import prefetch as weights_prefetch
     from effnet_timm.weights.prefetch import format_rows, prefetch, rows_as_json, select_names
 
@@ -306,6 +310,7 @@ def _run_download(args: argparse.Namespace) -> int:
     elif args.record_pins is not None:
         rows = weights_prefetch.record_pins(pairs, args.record_pins or None, progress)
     else:
+        check_weights_cache(pairs)  # one line before any download, not one failed row per model
         rows = prefetch(pairs, progress=progress)
     print(json.dumps(rows_as_json(rows), indent=2) if args.json else format_rows(rows))
     for row in rows:

@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     from effnet_timm.errors import InputError
 
     try:
+        from effnet_timm.commands.outputs import check_output_folder
+
+        check_output_folder(args.out, '--out', made_beside=True)  # before any download or read
         from .converter import convert
 
         result = convert(
@@ -235,6 +238,10 @@ def _publish_family(argv: list[str]) -> int:
     from .hub import publish_family
 
     try:
+        if args.out is not None and not args.out.is_dir():  # an existing one may hold every conversion already
+            from effnet_timm.commands.outputs import check_output_folder
+
+            check_output_folder(args.out, '--out')
         rows = publish_family(
             args.tarball_dir,
             args.tag,

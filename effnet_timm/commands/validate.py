@@ -29,8 +29,10 @@ import torch.distributed as dist
 from PIL import Image
 
 from ..data.datasets import EvalDataset, ImageSource, open_imagenet_val
+from ..data.preprocessing import check_image_pixels, max_image_pixels, open_image
 from ..errors import InputError
 from ..weights.tags import TAGS
+from .outputs import check_output_file
 from .predict import CROPS, _tf_transform, load_model, mean_std_name, timm_aligned_config
 
 __all__ = [
@@ -145,10 +147,13 @@ class TimmEvalTransform:
 
         self.transform = create_transform(**data_config)
         self.crop_pct = data_config['crop_pct']
+        self.max_pixels = max_image_pixels()
 
     def __call__(self, image: Any) -> torch.Tensor:
-        if not isinstance(image, Image.Image):
-            image = Image.open(io.BytesIO(image))
+        if isinstance(image, Image.Image):
+            check_image_pixels(image.width, image.height, self.max_pixels)
+        else:
+            image = open_image(image, self.max_pixels)  # refuses a decompression bomb from its header
         with image:
             return self.transform(image.convert('RGB'))
 
@@ -531,13 +536,13 @@ def format_result(result: dict[str, Any]) -> str:
 
 
 def check_output_path(path: Path | None, suffixes: tuple[str, ...], option: str) -> None:
-    """Refuse an output path before the run rather than after it."""
+    """Refuse an output path before the run rather than after it (see :mod:`.outputs`)."""
     if path is None:
         return
     if path.suffix.lower() not in suffixes:
         raise InputError(f'{path}: {option} must end in {" or ".join(suffixes)}')
-    if not path.parent.is_dir():
-        raise InputError(f'{path}: its folder does not exist')
+    if os.environ.get('RANK', '0') == '0':  # under torchrun only rank 0 writes (other nodes may lack the folder)
+        check_output_file(path, option)
 
 
 def write_results(result: dict[str, Any], path: Path) -> None:
@@ -567,17 +572,21 @@ def write_per_image(result: dict[str, Any], path: Path) -> None:
 
 def _write_atomic(path: Path, text: str) -> None:
     path = Path(path)
-    if not path.parent.is_dir():
-        raise InputError(f'{path}: its folder does not exist')
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    check_output_file(path, path.name)  # checked before the run too; the folder may have changed since
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    except OSError as err:
+        raise InputError(f'{path.parent}: cannot write {path.name} ({err.strerror or err})') from None
     try:
         # mkstemp makes the file 0600; a results file gets the mode open() would give it under the umask.
         os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, 'w', newline='') as f:
             f.write(text)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         os.unlink(tmp)
+        if isinstance(err, OSError):  # a full disk, a folder put in its way: one line, nothing half-written
+            raise InputError(f'{path.parent}: cannot write {path.name} ({err.strerror or err})') from None
         raise
 
 

@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 
 from ..errors import InputError, first_line
+from .preprocessing import ImageTooLargeError, max_image_bytes, read_image_file
 
 __all__ = [
     'IMAGE_EXTENSIONS',
@@ -107,8 +108,7 @@ class FileSource(ImageSource):
         return self.names[index]
 
     def read(self, index: int) -> tuple[bytes, int]:
-        with open(os.path.join(self.root, self.names[index]), 'rb') as f:
-            return f.read(), self.labels[index]
+        return read_image_file(os.path.join(self.root, self.names[index])), self.labels[index]
 
 
 class TimmSource(ImageSource):
@@ -135,9 +135,13 @@ class TimmSource(ImageSource):
         if isinstance(img, (bytes, bytearray)):
             return bytes(img), int(target)
         if isinstance(img, (str, os.PathLike)):
-            return Path(img).read_bytes(), int(target)
+            return read_image_file(img), int(target)
         try:
-            return img.read(), int(target)
+            limit = max_image_bytes()
+            data = img.read(limit + 1)  # a tar member or stream is read no further than any image can be
+            if len(data) > limit:
+                raise ImageTooLargeError(f'more than {limit:,} bytes: larger than any image within the pixel limit')
+            return data, int(target)
         finally:
             close = getattr(img, 'close', None)
             if close is not None:
@@ -174,6 +178,8 @@ class EvalDataset(torch.utils.data.Dataset):
 
     def _describe(self, index: int, err: BaseException) -> str:
         name = os.path.join(self.source.root, self.source.name(index))
+        if isinstance(err, ImageTooLargeError):
+            return f'{name}: image refused: {first_line(err)}'
         if type(err).__name__ == 'UnidentifiedImageError':  # its message names a BytesIO object, not the file
             return f'{name}: cannot decode image: not an image format Pillow reads'
         if isinstance(err, OSError) and err.strerror:
