@@ -882,7 +882,7 @@ def test_unwritable_cache_is_one_line(bucket, tmp_path, monkeypatch, capsys):
     seen = len(bucket.requests)
     assert main(['download', NAME, '--no-progress']) == 2
     (err,) = capsys.readouterr().err.strip().splitlines()
-    assert f'{tmp_path / "a-file" / "cache"}: cannot write the weights cache' in err and 'EFFNET_TIMM_CACHE' in err
+    assert str(tmp_path / 'a-file') in err and 'the weights cache' in err and 'EFFNET_TIMM_CACHE' in err, err
     assert bucket.requests[seen:] == []
 
 
