@@ -326,15 +326,40 @@ def _download_arguments(p: argparse.ArgumentParser) -> None:
         help='no progress bar (there is none either when stderr is not a terminal)',
     )
     p.add_argument('--json', action='store_true', help='machine-readable output')
+    p.add_argument(
+        '--list',
+        action='store_true',
+        help='print MODEL.TAG and its official URL (every one when none is named): what a mirror must hold',
+    )
+    p.add_argument('--verify', action='store_true', help='hash the cached entries again instead of downloading')
+    p.add_argument(
+        '--record-pins',
+        nargs='?',
+        const='',
+        metavar='FILE',
+        help='maintainers: fetch the official tarballs and record their sha256 and size in FILE '
+        '(default: effnet_timm/weights/pins.json)',
+    )
 
 
 def _run_download(args: argparse.Namespace) -> int:
     from effnet_timm.commands.outputs import check_weights_cache
+    from effnet_timm.weights import prefetch as weights_prefetch
     from effnet_timm.weights.prefetch import format_rows, prefetch, rows_as_json, select_names
 
-    pairs = select_names(args.models, args.tag, args.all)
-    check_weights_cache(pairs)  # one line before any download, not one failed row per model
-    rows = prefetch(pairs, progress=False if args.no_progress else None)
+    everything = args.all or (args.list and not args.models and args.tag is None)
+    pairs = select_names(args.models, args.tag, everything)
+    progress = False if args.no_progress else None
+    if args.list:
+        print(weights_prefetch.list_official(pairs))
+        return 0
+    if args.verify:
+        rows = weights_prefetch.verify_cached(pairs)
+    elif args.record_pins is not None:
+        rows = weights_prefetch.record_pins(pairs, args.record_pins or None, progress)
+    else:
+        check_weights_cache(pairs)  # one line before any download, not one failed row per model
+        rows = prefetch(pairs, progress=progress)
     print(json.dumps(rows_as_json(rows), indent=2) if args.json else format_rows(rows))
     for row in rows:
         if row.error:
