@@ -4,22 +4,40 @@ Module names follow timm's `DepthwiseSeparableConv` / `InvertedResidual`, so sta
 key with timm's `tf_efficientnet_*` ports. Each Swish is its own module after its BatchNorm (`act1`,
 `act2`, as in timm's blocks before `BatchNormAct2d`), so SyncBatchNorm converters cannot drop it
 (`effnet_timm.models.recompute_layers`).
+
+In-place inference: where nothing can observe the tensors a block makes between its convs, the block
+writes BatchNorm, Swish, the SE scaling and the residual sum into the conv output it already holds, and
+each conv then allocates the block's only new tensors. Allocating is most of the cost of these
+elementwise steps on CPU (a fresh large tensor is fresh pages from the kernel), so this is what puts the
+eager model ahead of timm's. `inplace_allowed` decides at run time; the result is the same bit for bit.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import DropPath
 from timm.models._efficientnet_blocks import SqueezeExcite
+from torch.nn.modules import module as _module
 
 from .config import BlockConfig
-from .layers import create_conv
+from .layers import Conv2dTfSame, create_conv
 from .recompute import attach_recipe, recipe_of
+from .recompute_layers import BatchNormRecompute2d, SwishRecompute
 
-__all__ = ['DepthwiseSeparable', 'InvertedResidual', 'SqueezeExciteRecompute', 'create_block']
+__all__ = [
+    'DepthwiseSeparable',
+    'InvertedResidual',
+    'SqueezeExciteRecompute',
+    'create_block',
+    'inplace_allowed',
+    'conv_bn_act_',
+    'unobserved_triple',
+]
 
 NormFactory = Callable[..., nn.Module]
 ActFactory = Callable[[], nn.Module]
@@ -31,7 +49,15 @@ class SqueezeExciteRecompute(SqueezeExcite):
     When its input can be recomputed (a recorded Swish output), so can `x * gate`: the projection conv
     then keeps neither for backward (`effnet_timm.models.recompute`). The recipe holds the gate itself (which
     the multiply keeps anyway), so a double backward differentiates through it.
+
+    Its Swish is not in place (timm's is): a hook on `conv_reduce` keeps what it was given; the tensor is
+    one number per channel, so this costs nothing.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if isinstance(getattr(self.act1, 'inplace', None), bool):
+            self.act1.inplace = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate = self.gate(self.conv_expand(self.act1(self.conv_reduce(x.mean((2, 3), keepdim=True)))))
@@ -40,6 +66,99 @@ class SqueezeExciteRecompute(SqueezeExcite):
             if not torch.compiler.is_compiling() and torch.is_grad_enabled() and recipe_of(x) is not None:
                 attach_recipe(out, torch.mul, x, gate)
         return out
+
+
+# --- in-place inference ---------------------------------------------------------------------------------
+
+# Exact types (not subclasses, which may do anything) whose output is a tensor of their own that they keep
+# no reference to, and whose forward the in-place path restates.
+_NORM_TYPES = (BatchNormRecompute2d, nn.BatchNorm2d, nn.SyncBatchNorm, nn.Identity)
+_ACT_TYPES = (SwishRecompute, nn.SiLU, nn.Identity)
+_DROP_PATH_TYPES = (DropPath, nn.Identity)
+
+
+def _global_hooks() -> bool:
+    return bool(
+        _module._global_forward_hooks
+        or _module._global_forward_pre_hooks
+        or _module._global_backward_hooks
+        or _module._global_backward_pre_hooks
+    )
+
+
+def inplace_allowed(x: torch.Tensor) -> bool:
+    """Whether a forward on `x` may overwrite the tensors it makes between convs (per-module checks aside).
+
+    Not where autograd records (grad mode on: a tensor that requires grad may be saved for backward), not
+    where a graph is recorded (torch.jit.trace, torch.compile, torch.export, FX: the graph keeps the
+    plain ops), not for tensor subclasses, and not while any global module hook could be handed one of them.
+    TorchScript never gets here (callers check `torch.jit.is_scripting()` first).
+    """
+    return (
+        not torch.is_grad_enabled()
+        and type(x) is torch.Tensor
+        and not torch.jit.is_tracing()
+        and not torch.compiler.is_compiling()
+        and not torch.compiler.is_exporting()
+        and not _global_hooks()
+    )
+
+
+def _unobserved(m: nn.Module, types: tuple[type, ...]) -> bool:
+    """`m` is one of `types` exactly and carries no hook that could be handed (or keep) its input or output."""
+    return type(m) in types and not (
+        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+    )
+
+
+def _unobserved_conv(m: nn.Module) -> bool:
+    # nn.Conv2d and our TF-'SAME' convs (FusedConv2d included) return a tensor no one else holds.
+    return (type(m) is nn.Conv2d or isinstance(m, Conv2dTfSame)) and _unobserved(m, (type(m),))
+
+
+def unobserved_triple(conv: nn.Module, bn: nn.Module, act: nn.Module) -> bool:
+    """Whether `conv_bn_act_` may run on these modules: known types, no hooks."""
+    return _unobserved_conv(conv) and _unobserved(bn, _NORM_TYPES) and _unobserved(act, _ACT_TYPES)
+
+
+def conv_bn_act_(conv: nn.Module, bn: nn.Module, act: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`act(bn(conv(x)))` written into the conv's output; for callers that checked `inplace_allowed` and
+    that `conv`, `bn`, `act` are unobserved. `x` itself is never written."""
+    x = conv(x)
+    if type(bn) is not nn.Identity:
+        if _batch_norm_inplace_ok(bn, x):
+            # Eval BatchNorm's own kernel, writing over its input: the same numbers as F.batch_norm.
+            empty = x.new_empty(0)
+            torch.ops.aten.native_batch_norm.out(
+                x, bn.weight, bn.bias, bn.running_mean, bn.running_var, False, 0.0, bn.eps,
+                out=x, save_mean=empty, save_invstd=empty.clone(),
+            )  # fmt: skip
+        else:
+            x = bn(x)  # a new tensor, ours alone
+    if type(act) is not nn.Identity:
+        x = F.silu(x, inplace=True)
+    return x
+
+
+def _batch_norm_inplace_ok(bn: nn.Module, x: torch.Tensor) -> bool:
+    # CPU eval with the running statistics, in the parameters' dtype (mixed-precision inputs take
+    # F.batch_norm, which converts). CPU only: the kernel's same-index reads and writes are checked there.
+    return (
+        not bn.training
+        and bn.running_mean is not None
+        and bn.running_var is not None
+        and x.device.type == 'cpu'
+        and (bn.weight is None or bn.weight.dtype == x.dtype)
+        and bn.running_mean.dtype == x.dtype
+    )
+
+
+_NO_ACT = nn.Identity()
+
+
+def _se_(se: SqueezeExcite, x: torch.Tensor) -> torch.Tensor:
+    """`se(x)` scaling `x` in place (its submodules are called as modules: their hooks see only the gate)."""
+    return x.mul_(se.gate(se.conv_expand(se.act1(se.conv_reduce(x.mean((2, 3), keepdim=True))))))
 
 
 class DepthwiseSeparable(nn.Module):
@@ -66,12 +185,36 @@ class DepthwiseSeparable(nn.Module):
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0.0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            if inplace_allowed(x) and self._unobserved():
+                return self._forward_inplace(x)
         shortcut = x
         x = self.act1(self.bn1(self.conv_dw(x)))
         x = self.se(x)
         x = self.bn2(self.conv_pw(x))
         if self.has_residual:
             x = self.drop_path(x) + shortcut
+        return x
+
+    @torch.jit.unused
+    def _unobserved(self) -> bool:
+        return (
+            _unobserved_conv(self.conv_dw)
+            and _unobserved(self.bn1, _NORM_TYPES)
+            and _unobserved(self.act1, _ACT_TYPES)
+            and _unobserved(self.se, (SqueezeExciteRecompute,))
+            and _unobserved_conv(self.conv_pw)
+            and _unobserved(self.bn2, _NORM_TYPES)
+            and _unobserved(self.drop_path, _DROP_PATH_TYPES)
+        )
+
+    @torch.jit.unused
+    def _forward_inplace(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        x = _se_(self.se, conv_bn_act_(self.conv_dw, self.bn1, self.act1, x))
+        x = conv_bn_act_(self.conv_pw, self.bn2, _NO_ACT, x)
+        if self.has_residual:
+            x = self.drop_path(x).add_(shortcut)
         return x
 
 
@@ -102,6 +245,9 @@ class InvertedResidual(nn.Module):
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0.0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            if inplace_allowed(x) and self._unobserved():
+                return self._forward_inplace(x)
         shortcut = x
         x = self.act1(self.bn1(self.conv_pw(x)))
         x = self.act2(self.bn2(self.conv_dw(x)))
@@ -109,6 +255,31 @@ class InvertedResidual(nn.Module):
         x = self.bn3(self.conv_pwl(x))
         if self.has_residual:
             x = self.drop_path(x) + shortcut
+        return x
+
+    @torch.jit.unused
+    def _unobserved(self) -> bool:
+        return (
+            _unobserved_conv(self.conv_pw)
+            and _unobserved(self.bn1, _NORM_TYPES)
+            and _unobserved(self.act1, _ACT_TYPES)
+            and _unobserved_conv(self.conv_dw)
+            and _unobserved(self.bn2, _NORM_TYPES)
+            and _unobserved(self.act2, _ACT_TYPES)
+            and _unobserved(self.se, (SqueezeExciteRecompute,))
+            and _unobserved_conv(self.conv_pwl)
+            and _unobserved(self.bn3, _NORM_TYPES)
+            and _unobserved(self.drop_path, _DROP_PATH_TYPES)
+        )
+
+    @torch.jit.unused
+    def _forward_inplace(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        x = conv_bn_act_(self.conv_pw, self.bn1, self.act1, x)
+        x = _se_(self.se, conv_bn_act_(self.conv_dw, self.bn2, self.act2, x))
+        x = conv_bn_act_(self.conv_pwl, self.bn3, _NO_ACT, x)
+        if self.has_residual:
+            x = self.drop_path(x).add_(shortcut)  # DropPath returns its input, or (training) a new tensor
         return x
 
 

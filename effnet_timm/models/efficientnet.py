@@ -14,7 +14,7 @@ from timm.layers import create_classifier, get_device_dtype
 from timm.models._efficientnet_builder import efficientnet_init_weights
 from timm.models._features import feature_take_indices
 
-from .blocks import create_block
+from .blocks import conv_bn_act_, create_block, inplace_allowed, unobserved_triple
 from .config import BlockConfig, block_table, head_filters, stem_filters
 from .layers import create_conv
 from .recompute import checkpoint, recompute_activations, strip_recipe
@@ -216,7 +216,7 @@ class EffNetV1(nn.Module):
         take_stages = [self.stage_ends[i] for i in take_indices]
         last_stage = self.stage_ends[max_index]
 
-        x = self.act1(self.bn1(self.conv_stem(x)))
+        x = self._stem(x)
         stages = self.blocks[:last_stage] if stop_early and not torch.jit.is_scripting() else self.blocks
         intermediates = []
         stage_idx = 0
@@ -227,7 +227,7 @@ class EffNetV1(nn.Module):
         if intermediates_only:
             return intermediates
         if stage_idx == len(self.blocks):
-            x = self.act2(self.bn2(self.conv_head(x)))
+            x = self._head(x)
         return x, intermediates
 
     def prune_intermediate_layers(
@@ -260,9 +260,25 @@ class EffNetV1(nn.Module):
         return self._forward_features(x)
 
     def _forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act1(self.bn1(self.conv_stem(x)))
+        x = self._stem(x)
         x = self.blocks(x)  # each stage checkpoints its blocks itself when enabled
+        return self._head(x)
+
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            if inplace_allowed(x) and self._unobserved(self.conv_stem, self.bn1, self.act1):
+                return conv_bn_act_(self.conv_stem, self.bn1, self.act1, x)
+        return self.act1(self.bn1(self.conv_stem(x)))
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            if inplace_allowed(x) and self._unobserved(self.conv_head, self.bn2, self.act2):
+                return conv_bn_act_(self.conv_head, self.bn2, self.act2, x)
         return self.act2(self.bn2(self.conv_head(x)))
+
+    @torch.jit.unused
+    def _unobserved(self, conv: nn.Module, bn: nn.Module, act: nn.Module) -> bool:
+        return unobserved_triple(conv, bn, act)
 
     @torch.jit.unused
     def _recomputes_activations(self) -> bool:
