@@ -12,14 +12,21 @@ from collections.abc import Callable
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath
+from timm.layers import CondConv2d, DropPath
 from timm.models._efficientnet_blocks import SqueezeExcite
 
 from .config import BlockConfig
 from .layers import create_conv
 from .recompute import attach_recipe, recipe_of
 
-__all__ = ['DepthwiseSeparable', 'InvertedResidual', 'SqueezeExciteRecompute', 'create_block']
+__all__ = [
+    'DepthwiseSeparable',
+    'InvertedResidual',
+    'FusedInvertedResidual',
+    'CondConvInvertedResidual',
+    'SqueezeExciteRecompute',
+    'create_block',
+]
 
 NormFactory = Callable[..., nn.Module]
 ActFactory = Callable[[], nn.Module]
@@ -42,6 +49,13 @@ class SqueezeExciteRecompute(SqueezeExcite):
         return out
 
 
+def _se(cfg: BlockConfig, chs: int, se_act_layer: type) -> nn.Module:
+    """The block's SE, or Identity where the family has none (Lite, EdgeTPU)."""
+    if not cfg.has_se:
+        return nn.Identity()
+    return SqueezeExciteRecompute(chs, rd_channels=cfg.se_reduced_filters, act_layer=se_act_layer)
+
+
 class DepthwiseSeparable(nn.Module):
     """Official block with expand_ratio 1: depthwise → BN+Swish → SE → project → BN."""
 
@@ -60,7 +74,7 @@ class DepthwiseSeparable(nn.Module):
         self.conv_dw = create_conv(chs, chs, cfg.kernel_size, cfg.stride, dilation, groups=chs)
         self.bn1 = norm_layer(chs)
         self.act1 = act_layer()
-        self.se = SqueezeExciteRecompute(chs, rd_channels=cfg.se_reduced_filters, act_layer=se_act_layer)
+        self.se = _se(cfg, chs, se_act_layer)
         self.conv_pw = create_conv(chs, cfg.output_filters, 1)
         self.bn2 = norm_layer(cfg.output_filters)
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0.0 else nn.Identity()
@@ -96,7 +110,7 @@ class InvertedResidual(nn.Module):
         self.conv_dw = create_conv(mid, mid, cfg.kernel_size, cfg.stride, dilation, groups=mid)
         self.bn2 = norm_layer(mid)
         self.act2 = act_layer()
-        self.se = SqueezeExciteRecompute(mid, rd_channels=cfg.se_reduced_filters, act_layer=se_act_layer)
+        self.se = _se(cfg, mid, se_act_layer)
         self.conv_pwl = create_conv(mid, cfg.output_filters, 1)
         self.bn3 = norm_layer(cfg.output_filters)
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0.0 else nn.Identity()
@@ -120,5 +134,89 @@ def create_block(
     dilation: int = 1,
     drop_path_rate: float = 0.0,
 ) -> nn.Module:
-    block_cls = InvertedResidual if cfg.has_expand_conv else DepthwiseSeparable
+    if cfg.fused:
+        block_cls = FusedInvertedResidual
+    elif cfg.condconv:
+        block_cls = CondConvInvertedResidual
+    else:
+        block_cls = InvertedResidual if cfg.has_expand_conv else DepthwiseSeparable
     return block_cls(cfg, norm_layer, act_layer, se_act_layer, dilation=dilation, drop_path_rate=drop_path_rate)
+
+
+class FusedInvertedResidual(nn.Module):
+    """EdgeTPU's `MBConvBlockWithoutDepthwise`: 3x3 expand (carries the stride) → BN+act → project → BN.
+
+    Module names follow timm's `EdgeResidual` (`conv_exp`, `bn1`, `conv_pwl`, `bn2`). No SE. The official
+    residual test compares the block's declared widths (`cfg.has_residual`)."""
+
+    def __init__(
+        self,
+        cfg: BlockConfig,
+        norm_layer: NormFactory,
+        act_layer: ActFactory,
+        se_act_layer: type,
+        dilation: int = 1,
+        drop_path_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.has_residual = cfg.has_residual
+        mid = cfg.expanded_filters
+        self.conv_exp = create_conv(cfg.input_filters, mid, 3, cfg.stride, dilation)
+        self.bn1 = norm_layer(mid)
+        self.act1 = act_layer()
+        self.conv_pwl = create_conv(mid, cfg.output_filters, 1)
+        self.bn2 = norm_layer(cfg.output_filters)
+        self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0.0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        x = self.act1(self.bn1(self.conv_exp(x)))
+        x = self.bn2(self.conv_pwl(x))
+        if self.has_residual:
+            x = self.drop_path(x) + shortcut
+        return x
+
+
+class CondConvInvertedResidual(nn.Module):
+    """CondConv's MBConv: expand, depthwise and project convs whose kernels are per-example mixtures of
+    `num_experts` kernels, weighted by `sigmoid(routing_fn(mean of the block input))`.
+
+    timm's `CondConv2d` (expert `e` flattened as PyTorch's `[out, in/groups, kh, kw]`, 'same' padding:
+    TF's at stride 2, symmetric otherwise); module names follow timm's `CondConvResidual`."""
+
+    def __init__(
+        self,
+        cfg: BlockConfig,
+        norm_layer: NormFactory,
+        act_layer: ActFactory,
+        se_act_layer: type,
+        dilation: int = 1,
+        drop_path_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.has_residual = cfg.has_residual
+        experts, mid = cfg.num_experts, cfg.expanded_filters
+        self.routing_fn = nn.Linear(cfg.input_filters, experts)
+        self.conv_pw = CondConv2d(cfg.input_filters, mid, 1, padding='same', num_experts=experts)
+        self.bn1 = norm_layer(mid)
+        self.act1 = act_layer()
+        self.conv_dw = CondConv2d(
+            mid, mid, cfg.kernel_size, cfg.stride, padding='same', dilation=dilation, groups=mid, num_experts=experts
+        )
+        self.bn2 = norm_layer(mid)
+        self.act2 = act_layer()
+        self.se = _se(cfg, mid, se_act_layer)
+        self.conv_pwl = CondConv2d(mid, cfg.output_filters, 1, padding='same', num_experts=experts)
+        self.bn3 = norm_layer(cfg.output_filters)
+        self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0.0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        routing_weights = torch.sigmoid(self.routing_fn(x.mean((2, 3))))
+        x = self.act1(self.bn1(self.conv_pw(x, routing_weights)))
+        x = self.act2(self.bn2(self.conv_dw(x, routing_weights)))
+        x = self.se(x)
+        x = self.bn3(self.conv_pwl(x, routing_weights))
+        if self.has_residual:
+            x = self.drop_path(x) + shortcut
+        return x

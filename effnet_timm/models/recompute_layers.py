@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .recompute import attach_recipe, recipe_of, recording
 
-__all__ = ['BatchNormRecompute2d', 'SwishRecompute']
+__all__ = ['BatchNormRecompute2d', 'SwishRecompute', 'ReLURecompute', 'ReLU6Recompute']
 
 
 def _affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -128,3 +128,23 @@ class SwishRecompute(nn.SiLU):
     @torch.jit.unused
     def _records_recipe(self, x: torch.Tensor) -> bool:
         return not torch.compiler.is_compiling() and torch.is_grad_enabled() and recipe_of(x) is not None
+
+
+class ReLURecompute(nn.ReLU):
+    """`nn.ReLU` (EdgeTPU) whose output carries a recipe when its input does, like `SwishRecompute`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            if not torch.compiler.is_compiling() and torch.is_grad_enabled() and recipe_of(x) is not None:
+                return attach_recipe(F.relu(x), F.relu, x)
+        return F.relu(x)
+
+
+class ReLU6Recompute(nn.ReLU6):
+    """`nn.ReLU6` (Lite) whose output carries a recipe when its input does, like `SwishRecompute`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            if not torch.compiler.is_compiling() and torch.is_grad_enabled() and recipe_of(x) is not None:
+                return attach_recipe(F.relu6(x), F.relu6, x)
+        return F.relu6(x)

@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 
-from ..models.config import VARIANTS
+from ..models.config import ALL_VARIANTS, FAMILY_VARIANTS
 
-__all__ = ['HUB_ORG', 'OFFICIAL_CKPT_ROOT', 'TagSpec', 'TAGS', 'hub_repo_id', 'pretrained_cfg', 'default_cfg_table']
+__all__ = [
+    'HUB_ORG',
+    'OFFICIAL_CKPT_ROOT',
+    'TagSpec',
+    'TAGS',
+    'FamilyCheckpoints',
+    'FAMILY_CHECKPOINTS',
+    'hub_repo_id',
+    'pretrained_cfg',
+    'default_cfg_table',
+]
 
 HUB_ORG = 'effnet-timm'
 OFFICIAL_CKPT_ROOT = 'https://storage.googleapis.com/cloud-tpu-checkpoints/efficientnet'
@@ -76,12 +86,75 @@ TAGS: dict[str, TagSpec] = {
 }
 
 
+@dataclass(frozen=True)
+class FamilyCheckpoints:
+    """The official checkpoints of one other V1 family (Lite, EdgeTPU, CondConv); all are tagged `in1k`.
+
+    Their normalisation is the official mean 127 / std 128 on 0..255 pixels, and `interpolation` is the
+    resize of the official `main.py` pipeline that produced the published accuracy.
+    """
+
+    description: str
+    url_pattern: str  # `{name}` is the official model name ('efficientnet-lite0', 'efficientnet-edgetpu-S')
+    official_top1: dict[str, float]  # the family's README, by variant
+    interpolation: str  # 'bilinear' (TF2 tf.image.resize, half-pixel centres) or 'bicubic' (TF1 kernel)
+    label_offset: int = 0  # EdgeTPU: logit 0 is a background class, ImageNet class k is logit k + 1
+
+
+FAMILY_MEAN = (127 / 255,) * 3
+FAMILY_STD = (128 / 255,) * 3
+FAMILY_CHECKPOINTS: dict[str, FamilyCheckpoints] = {
+    'lite': FamilyCheckpoints(
+        'EfficientNet-Lite (ImageNet-1k; ReLU6, no SE, fixed stem/head)',
+        '/lite/{name}.tar.gz',
+        {
+            'effnet_v1_lite0': 75.1,
+            'effnet_v1_lite1': 76.7,
+            'effnet_v1_lite2': 77.6,
+            'effnet_v1_lite3': 79.8,
+            'effnet_v1_lite4': 81.5,
+        },
+        'bilinear',
+    ),
+    'edgetpu': FamilyCheckpoints(
+        'EfficientNet-EdgeTPU (ImageNet-1k, 1001 classes with background at 0)',
+        '/{name}.tar.gz',
+        {'effnet_v1_edgetpu_s': 77.23, 'effnet_v1_edgetpu_m': 78.69, 'effnet_v1_edgetpu_l': 80.62},
+        'bilinear',
+        label_offset=1,
+    ),
+    'condconv': FamilyCheckpoints(
+        'EfficientNet-CondConv (ImageNet-1k; conditionally parameterized convolutions)',
+        '/condconv/{name}.tar.gz',
+        {'effnet_v1_condconv_b0_4e': 77.8, 'effnet_v1_condconv_b0_8e': 78.3, 'effnet_v1_condconv_b0_8e_depth': 79.5},
+        'bicubic',
+    ),
+}
+# The other families share the `in1k` tag with the B-series baseline: one row, whose per-variant URL,
+# normalisation, resize and label offset come from FAMILY_CHECKPOINTS.
+TAGS['in1k'] = replace(
+    TAGS['in1k'],
+    variants=TAGS['in1k'].variants + tuple(FAMILY_VARIANTS),
+    official_top1=TAGS['in1k'].official_top1
+    + tuple(FAMILY_CHECKPOINTS[s.family].official_top1[v] for v, s in FAMILY_VARIANTS.items()),
+)
+
+
+def family_checkpoints(variant: str) -> FamilyCheckpoints | None:
+    """The Lite/EdgeTPU/CondConv family row of `variant`, or None for the B-series."""
+    spec = FAMILY_VARIANTS.get(variant)
+    return FAMILY_CHECKPOINTS[spec.family] if spec else None
+
+
 def hub_repo_id(variant: str, tag: str) -> str:
     return f'{HUB_ORG}/{variant}.{tag}'
 
 
 def official_url(variant: str, tag: str, root: str = OFFICIAL_CKPT_ROOT) -> str:
     """The official tarball of `variant.tag` under `root` (the bucket, or a mirror laid out like it)."""
+    family = family_checkpoints(variant)
+    if family is not None:
+        return root + family.url_pattern.format(name=ALL_VARIANTS[variant].official_name)
     return root + TAGS[tag].url_pattern.format(n=variant.rsplit('_', 1)[-1])
 
 
@@ -99,7 +172,7 @@ def pretrained_cfg(
 ) -> dict[str, Any]:
     """A timm pretrained cfg for `variant.tag` (no tag: the architecture alone, no weights)."""
     spec = TAGS[tag] if tag else None
-    native = VARIANTS[variant].resolution if variant in VARIANTS else GENERIC_RESOLUTION
+    native = ALL_VARIANTS[variant].resolution if variant in ALL_VARIANTS else GENERIC_RESOLUTION
     size = image_size or (spec.input_size if spec else None) or native
     cfg = dict(
         num_classes=1000,
@@ -119,6 +192,13 @@ def pretrained_cfg(
     )
     if spec:
         cfg.update(hf_hub_id=hub_repo_id(variant, tag), description=spec.description)
+    family = family_checkpoints(variant)
+    if family is not None:
+        cfg.update(mean=FAMILY_MEAN, std=FAMILY_STD, interpolation=family.interpolation)
+        if spec:
+            cfg.update(description=family.description)
+        if family.label_offset:
+            cfg.update(num_classes=1000 + family.label_offset, label_offset=family.label_offset)
     cfg.update(overrides)
     return cfg
 
@@ -126,7 +206,7 @@ def pretrained_cfg(
 def default_cfg_table() -> dict[str, dict[str, Any]]:
     """`arch.tag` → cfg for every official checkpoint, in default-first order per variant."""
     table: dict[str, dict[str, Any]] = {}
-    for variant in VARIANTS:
+    for variant in ALL_VARIANTS:
         for tag, spec in TAGS.items():
             if variant in spec.variants:
                 table[f'{variant}.{tag}'] = pretrained_cfg(variant, tag)
