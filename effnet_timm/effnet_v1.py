@@ -1,5 +1,6 @@
 """timm registry entries: `effnet_v1_b0` … `effnet_v1_b8`, `effnet_v1_l2`, the generic `effnet_v1`, and the other
-official V1 families: `effnet_v1_lite0` … `lite4`, `effnet_v1_edgetpu_{s,m,l}`, `effnet_v1_condconv_b0_{4e,8e,8e_depth}`.
+official V1 families: `effnet_v1_lite0` … `lite4`, `effnet_v1_edgetpu_{s,m,l}`,
+`effnet_v1_condconv_b0_{4e,8e,8e_depth}`.
 
 timm names the registry module after this file (`effnet_v1`), so it must not share a name with a timm
 module, and it reads `default_cfgs` while the entrypoints are being decorated: keep it above them.
