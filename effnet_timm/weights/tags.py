@@ -98,7 +98,8 @@ class FamilyCheckpoints:
     url_pattern: str  # `{name}` is the official model name ('efficientnet-lite0', 'efficientnet-edgetpu-S')
     official_top1: dict[str, float]  # the family's README, by variant
     interpolation: str  # 'bilinear' (TF2 tf.image.resize, half-pixel centres) or 'bicubic' (TF1 kernel)
-    label_offset: int = 0  # EdgeTPU: logit 0 is a background class, ImageNet class k is logit k + 1
+    # EdgeTPU: logit 0 of the official graph is a background class, ImageNet class k is logit k + 1.
+    label_offset: int = 0
 
 
 FAMILY_MEAN = (127 / 255,) * 3
@@ -144,6 +145,19 @@ def family_checkpoints(variant: str) -> FamilyCheckpoints | None:
     """The Lite/EdgeTPU/CondConv family row of `variant`, or None for the B-series."""
     spec = FAMILY_VARIANTS.get(variant)
     return FAMILY_CHECKPOINTS[spec.family] if spec else None
+
+
+def family_cfg(family: str) -> dict[str, Any]:
+    """Pretrained-cfg entries a family's official pipeline implies (any width/depth): mean 127 / std 128,
+    its eval resize, and EdgeTPU's background logit. Empty for the B-series."""
+    rows = FAMILY_CHECKPOINTS.get(family)
+    if rows is None:
+        return {}
+    cfg: dict[str, Any] = dict(mean=FAMILY_MEAN, std=FAMILY_STD, interpolation=rows.interpolation)
+    if rows.label_offset:
+        # timm's convention: a 1000-class model; loading drops the checkpoint's first `label_offset` logits.
+        cfg.update(label_offset=rows.label_offset)
+    return cfg
 
 
 def hub_repo_id(variant: str, tag: str) -> str:
@@ -192,13 +206,10 @@ def pretrained_cfg(
     )
     if spec:
         cfg.update(hf_hub_id=hub_repo_id(variant, tag), description=spec.description)
-    family = family_checkpoints(variant)
-    if family is not None:
-        cfg.update(mean=FAMILY_MEAN, std=FAMILY_STD, interpolation=family.interpolation)
+    if variant in FAMILY_VARIANTS:
+        cfg.update(family_cfg(FAMILY_VARIANTS[variant].family))
         if spec:
-            cfg.update(description=family.description)
-        if family.label_offset:
-            cfg.update(num_classes=1000 + family.label_offset, label_offset=family.label_offset)
+            cfg.update(description=FAMILY_CHECKPOINTS[FAMILY_VARIANTS[variant].family].description)
     cfg.update(overrides)
     return cfg
 

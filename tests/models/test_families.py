@@ -92,7 +92,8 @@ def test_tiny_fixture_table(family):
 
 @pytest.mark.parametrize('variant', list(FAMILY_VARIANTS))
 def test_parameter_count_equals_official(variant):
-    assert _params_on_meta(variant) == _manifest(variant)['checkpoint']['num_trainable_parameters']
+    classes = FAMILIES[FAMILY_VARIANTS[variant].family].num_classes  # the official graph's (EdgeTPU: 1001)
+    assert _params_on_meta(variant, num_classes=classes) == _manifest(variant)['checkpoint']['num_trainable_parameters']
 
 
 @pytest.mark.parametrize('family', list(TINY))
@@ -114,10 +115,11 @@ def test_condconv_needs_experts():
         block_table(1.0, 1.0, family='condconv')
 
 
-def test_edgetpu_has_1001_classes_and_a_label_offset():
+def test_edgetpu_has_imagenet_classes_and_a_label_offset():
+    """timm's convention for checkpoints with a background class: a 1000-class model, `label_offset` 1."""
     model = timm.create_model('effnet_v1_edgetpu_s', pretrained=False)
-    assert model.num_classes == 1001
-    assert model.pretrained_cfg['label_offset'] == 1
+    assert model.num_classes == 1000
+    assert model.pretrained_cfg['label_offset'] == 1 and model.pretrained_cfg['num_classes'] == 1000
 
 
 @pytest.mark.parametrize('variant', list(TIMM_TWINS))
