@@ -45,6 +45,7 @@ ImageItem = Path | tuple[str, bytes]
 MEAN_STD_NAMES = {
     ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)): 'imagenet',
     ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)): 'inception',
+    ((0.498, 0.498, 0.498), (0.502, 0.502, 0.502)): '127/128',  # Lite, EdgeTPU, CondConv
 }
 
 
@@ -398,6 +399,7 @@ def _preprocessing_summary(transform: TfEvalTransform, crop: str, data_config: d
         crop_pct=transform.crop_pct,
         mean=list(transform.mean),
         std=list(transform.std),
+        interpolation=transform.interpolation,
         jpeg_decoder='simplejpeg' if importlib.util.find_spec('simplejpeg') else 'pillow',
         timm_crop_pct=data_config['crop_pct'],
     )
@@ -405,10 +407,11 @@ def _preprocessing_summary(transform: TfEvalTransform, crop: str, data_config: d
 
 def format_predictions(result: dict[str, Any]) -> str:
     pre = result['preprocessing']
+    resize = pre.get('interpolation', 'bicubic')
     lines = [
         f'model       {result["model"]["name"]} ({result["model"]["weights"] or "no weights"})',
         f'preprocess  official TF eval: {pre["input_size"]}x{pre["input_size"]}, centre crop with '
-        f'{pre["crop_padding"]} px padding ({pre["crop"]}, crop_pct {pre["crop_pct"]:.4f}), TF1 bicubic, '
+        f'{pre["crop_padding"]} px padding ({pre["crop"]}, crop_pct {pre["crop_pct"]:.4f}), TF1 {resize}, '
         f'mean/std {mean_std_name(pre["mean"], pre["std"])}, JPEG decoder {pre["jpeg_decoder"]}',
     ]
     for entry in result['images']:

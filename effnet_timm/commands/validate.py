@@ -167,7 +167,7 @@ def eval_transform(model: torch.nn.Module, preprocessing: str = 'tf', crop: str 
         preprocessing=preprocessing,
         img_size=tf.image_size,
         crop=crop,
-        interpolation='bicubic',
+        interpolation=tf.interpolation,  # the model's official resize (Lite/EdgeTPU: bilinear)
         mean_std=mean_std_name(data_config['mean'], data_config['std']),
     )
     if preprocessing == 'tf':
@@ -500,10 +500,11 @@ def format_result(result: dict[str, Any]) -> str:
     if pre['preprocessing'] == 'tf':
         how = (
             f'official TF eval: {pre["img_size"]}x{pre["img_size"]}, centre crop with {pre["crop_padding"]} px '
-            f'padding ({pre["crop"]}, crop_pct {pre["crop_pct"]:.4f}), TF1 bicubic'
+            f'padding ({pre["crop"]}, crop_pct {pre["crop_pct"]:.4f}), TF1 {pre["interpolation"]}'
         )
     else:
-        how = f'timm eval transform: {pre["img_size"]}x{pre["img_size"]}, crop_pct {pre["crop_pct"]}, PIL bicubic'
+        size, crop_pct = pre['img_size'], pre['crop_pct']
+        how = f'timm eval transform: {size}x{size}, crop_pct {crop_pct}, PIL {pre["interpolation"]}'
     n = result['num_images']
     speed = (
         f'{result["images_per_s"]:,.1f} images/s ({result["processes"]} process'
