@@ -153,7 +153,9 @@ class TimmEvalTransform:
             return self.transform(image.convert('RGB'))
 
 
-def eval_transform(model: torch.nn.Module, preprocessing: str = 'tf', crop: str = 'padding32') -> tuple[Callable, dict]:
+def eval_transform(
+    model: torch.nn.Module, preprocessing: str = 'tf', crop: str = 'padding32', interpolation: str | None = None
+) -> tuple[Callable, dict]:
     """The per-image transform and a description of it (for the report and the results file)."""
     from timm.data import resolve_data_config
 
@@ -162,7 +164,7 @@ def eval_transform(model: torch.nn.Module, preprocessing: str = 'tf', crop: str 
     if crop not in CROPS:
         raise InputError(f'--crop must be one of {CROPS}, got {crop!r}')
     data_config = resolve_data_config({}, model=model)
-    tf = _tf_transform(data_config, crop)
+    tf = _tf_transform(data_config, crop, interpolation)
     desc = dict(
         preprocessing=preprocessing,
         img_size=tf.image_size,
@@ -368,6 +370,7 @@ def validate(
     device: str | None = None,
     skip_bad: bool = False,
     progress: bool = False,
+    interpolation: str | None = None,
 ) -> dict[str, Any] | None:
     """Evaluate a model on ImageNet-val at ``data`` (see ``effnet-timm validate --help``); joins torchrun's
     process group when launched by it. Returns the result on rank 0 and ``None`` on the other ranks."""
@@ -376,7 +379,7 @@ def validate(
     try:
         model = build_model(model_name, weights, info)
         _check_classes(model, source)
-        transform, pre = eval_transform(model, preprocessing, crop)
+        transform, pre = eval_transform(model, preprocessing, crop, interpolation)
         runtime = dict(
             amp=amp, channels_last=channels_last, fuse=fuse, param_count=sum(p.numel() for p in model.parameters())
         )  # before fusing folds BatchNorm away
