@@ -12,11 +12,12 @@ from collections.abc import Callable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import CondConv2d, DropPath
 from timm.models._efficientnet_blocks import SqueezeExcite
 
 from .config import BlockConfig
-from .layers import create_conv
+from .layers import _pad_before, create_conv
 from .recompute import attach_recipe, recipe_of
 
 __all__ = [
@@ -177,6 +178,29 @@ class FusedInvertedResidual(nn.Module):
         return x
 
 
+class CondConv2dTfSame(CondConv2d):
+    """timm's `CondConv2d` (same parameters and expert layout) with `Conv2dTfSame`'s recorded-graph padding where
+    it is strided: TF's pad before, `k_eff - 1` in total, so the padded size is free of the input's parity.
+    The output is viewed straight from the batch-folded conv (its leading dim is 1), which leaves torch.export
+    no guard on the spatial size (timm's `pad_same` and permute-then-view make some)."""
+
+    def forward(self, x: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
+        padding = self.padding
+        if self.dynamic_padding:
+            k_h = (self.kernel_size[0] - 1) * self.dilation[0]
+            k_w = (self.kernel_size[1] - 1) * self.dilation[1]
+            top = _pad_before(x.shape[-2], k_h + 1, self.stride[0])
+            left = _pad_before(x.shape[-1], k_w + 1, self.stride[1])
+            x = F.pad(x, [left, k_w - left, top, k_h - top])
+            padding = (0, 0)
+        batch, channels, height, width = x.shape
+        weight = torch.matmul(routing_weights, self.weight)
+        weight = weight.view((batch * self.out_channels, self.in_channels // self.groups) + self.kernel_size)
+        x = x.reshape(1, batch * channels, height, width)
+        out = F.conv2d(x, weight, None, self.stride, padding, self.dilation, self.groups * batch)
+        return out.view(batch, self.out_channels, out.shape[-2], out.shape[-1])
+
+
 class CondConvInvertedResidual(nn.Module):
     """CondConv's MBConv: expand, depthwise and project convs whose kernels are per-example mixtures of
     `num_experts` kernels, weighted by `sigmoid(routing_fn(mean of the block input))`.
@@ -197,16 +221,16 @@ class CondConvInvertedResidual(nn.Module):
         self.has_residual = cfg.has_residual
         experts, mid = cfg.num_experts, cfg.expanded_filters
         self.routing_fn = nn.Linear(cfg.input_filters, experts)
-        self.conv_pw = CondConv2d(cfg.input_filters, mid, 1, padding='same', num_experts=experts)
+        self.conv_pw = CondConv2dTfSame(cfg.input_filters, mid, 1, padding='same', num_experts=experts)
         self.bn1 = norm_layer(mid)
         self.act1 = act_layer()
-        self.conv_dw = CondConv2d(
+        self.conv_dw = CondConv2dTfSame(
             mid, mid, cfg.kernel_size, cfg.stride, padding='same', dilation=dilation, groups=mid, num_experts=experts
         )
         self.bn2 = norm_layer(mid)
         self.act2 = act_layer()
         self.se = _se(cfg, mid, se_act_layer)
-        self.conv_pwl = CondConv2d(mid, cfg.output_filters, 1, padding='same', num_experts=experts)
+        self.conv_pwl = CondConv2dTfSame(mid, cfg.output_filters, 1, padding='same', num_experts=experts)
         self.bn3 = norm_layer(cfg.output_filters)
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0.0 else nn.Identity()
 
