@@ -186,3 +186,13 @@ def test_variant_claim_must_match_family(tmp_path):
     with pytest.raises(CheckpointError, match='--variant effnet_v1_lite0 disagrees'):
         convert(str(fixture), tmp_path / 'out', variant='effnet_v1_lite0')
     shutil.rmtree(tmp_path / 'out', ignore_errors=True)
+
+
+def test_verify_is_refused_in_one_line_for_the_families(tmp_path):
+    """--verify rebuilds the B-series graph in TensorFlow; for the other families it says so and writes nothing."""
+    pytest.importorskip('tensorflow', reason='--verify needs TensorFlow (pip install .[test])')
+    fixture = shared_path(TINY['condconv'])
+    with pytest.raises(CheckpointError, match='--verify: .* condconv checkpoints') as err:
+        convert(str(fixture), tmp_path / 'out', verify=True)
+    assert '\n' not in str(err.value)
+    assert not (tmp_path / 'out').exists()
