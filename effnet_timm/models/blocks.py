@@ -196,8 +196,12 @@ class CondConv2dTfSame(CondConv2d):
         batch, channels, height, width = x.shape
         weight = torch.matmul(routing_weights, self.weight)
         weight = weight.view((batch * self.out_channels, self.in_channels // self.groups) + self.kernel_size)
-        x = x.reshape(1, batch * channels, height, width)
-        out = F.conv2d(x, weight, None, self.stride, padding, self.dilation, self.groups * batch)
+        folded = x.reshape(1, batch * channels, height, width)
+        if not torch.jit.is_scripting():
+            # The conv keeps this view for backward; as a recipe it does not pin a recomputable input.
+            if not torch.compiler.is_compiling() and torch.is_grad_enabled() and recipe_of(x) is not None:
+                attach_recipe(folded, torch.reshape, x, (1, batch * channels, height, width))
+        out = F.conv2d(folded, weight, None, self.stride, padding, self.dilation, self.groups * batch)
         return out.view(batch, self.out_channels, out.shape[-2], out.shape[-1])
 
 

@@ -131,12 +131,16 @@ class SwishRecompute(nn.SiLU):
 
 
 class ReLURecompute(nn.ReLU):
-    """`nn.ReLU` (EdgeTPU) whose output carries a recipe when its input does, like `SwishRecompute`."""
+    """`nn.ReLU` (EdgeTPU) whose output carries a recipe when its input does, like `SwishRecompute`.
+
+    While recording it is computed as `F.threshold(x, 0, 0)` (the same values and gradients, zero at 0): its
+    backward keeps the input, a BatchNorm output with a recipe, where ReLU's keeps its own output, which gets
+    its recipe only after the op has saved it."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
             if not torch.compiler.is_compiling() and torch.is_grad_enabled() and recipe_of(x) is not None:
-                return attach_recipe(F.relu(x), F.relu, x)
+                return attach_recipe(F.threshold(x, 0.0, 0.0), F.relu, x)
         return F.relu(x)
 
 
