@@ -58,8 +58,9 @@ def _official_tag(variant: str, tag) -> bool:
 def create_effnet_v1(variant: str, pretrained: bool = False, **kwargs: Any) -> EffNetV1:
     """Build `variant` through timm's builder; a pretrained request that cannot be met fails in one line.
 
-    Registered tags without an explicit weight file resolve through `weights_cache.resolve_pretrained_file`:
-    our cache, the published Hub repo, then the official tarball (downloaded, converted and cached once).
+    Registered tags without an explicit weight file resolve through `weights.cache.resolve_pretrained_file`:
+    our cache, the Hub repo only where its TAGS row pins a commit and sha256, then the official tarball (checked
+    against its pin or X-Goog-Hash, converted and cached once).
     """
     if kwargs.get('features_only') and 'feature_cls' not in kwargs:
         kwargs['feature_cls'] = 'getter'  # uses forward_intermediates; respects out_indices

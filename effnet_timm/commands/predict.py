@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import io
 import json
 import math
 import warnings
@@ -14,14 +13,21 @@ from typing import Any
 
 import timm
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from timm.data import ImageNetInfo, create_transform, infer_imagenet_subset, resolve_data_config
 from timm.models import PretrainedCfg, split_model_name_tag
 
 from ..data.datasets import IMAGE_EXTENSIONS
-from ..data.preprocessing import TfEvalTransform, create_tf_transform, decode_image
+from ..data.preprocessing import (
+    ImageTooLargeError,
+    TfEvalTransform,
+    create_tf_transform,
+    decode_image,
+    open_image,
+    read_image_file,
+)
 from ..errors import InputError, first_line
 from ..weights.integrity import verify_folder
 from ..weights.tags import TAGS, pretrained_cfg
@@ -265,7 +271,9 @@ def read_images(paths: Sequence[Path]) -> list[tuple[str, bytes]]:
     images = []
     for path in image_files(paths):
         try:
-            images.append((str(path), path.read_bytes()))
+            images.append((str(path), read_image_file(path)))
+        except ImageTooLargeError as err:
+            raise InputError(f'{path}: {first_line(err)}') from None
         except OSError as err:
             raise InputError(f'{path}: cannot read image: {err.strerror or first_line(err)}') from None
     return images
@@ -298,7 +306,9 @@ def timm_aligned_config(data_config: dict[str, Any], transform: TfEvalTransform)
 
 def _tf_input(transform: TfEvalTransform, data: bytes) -> torch.Tensor:
     try:
-        rgb = decode_image(data)
+        rgb = decode_image(data, max_pixels=transform.max_pixels)
+    except ImageTooLargeError as err:
+        raise InputError(f'image refused: {first_line(err)}') from None
     except UnidentifiedImageError:  # its message names a BytesIO object, not the file
         raise InputError('cannot decode image: not a format Pillow reads') from None
     except (OSError, ValueError, RuntimeError) as err:
@@ -312,7 +322,7 @@ def _tf_input(transform: TfEvalTransform, data: bytes) -> torch.Tensor:
 def _timm_input(transform: Any, data: bytes) -> torch.Tensor:
     # timm's datasets decode with Pillow, which may refuse a file the TF pipeline's decoder read.
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with open_image(data) as img:
             return transform(img.convert('RGB'))
     except (OSError, ValueError, UnidentifiedImageError) as err:
         raise InputError(f'timm preprocessing: Pillow cannot decode the image: {first_line(err)}') from None
@@ -322,7 +332,9 @@ def _image_bytes(image: ImageItem) -> tuple[str, bytes]:
     if not isinstance(image, Path):
         return image
     try:
-        return str(image), image.read_bytes()
+        return str(image), read_image_file(image)
+    except ImageTooLargeError as err:
+        raise InputError(f'image refused: {first_line(err)}') from None
     except OSError as err:
         raise InputError(f'cannot read image: {err.strerror or first_line(err)}') from None
 

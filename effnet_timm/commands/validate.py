@@ -29,8 +29,10 @@ import torch.distributed as dist
 from PIL import Image
 
 from ..data.datasets import EvalDataset, ImageSource, open_imagenet_val
+from ..data.preprocessing import check_image_pixels, max_image_pixels, open_image
 from ..errors import InputError
 from ..weights.tags import TAGS
+from .outputs import check_output_file
 from .predict import CROPS, _tf_transform, load_model, mean_std_name, timm_aligned_config
 
 __all__ = [
@@ -79,10 +81,15 @@ class DistInfo:
 
 
 def init_distributed(device: str | None = None) -> tuple[DistInfo, torch.device]:
-    """Join the process group torchrun describes in the environment (one process: nothing to join) and pick the
-    device: ``cuda:LOCAL_RANK`` on a GPU machine (nccl), else the CPU (gloo)."""
+    """Join the process group torchrun describes in the environment (one process: nothing to join), or use the
+    one the caller already initialised, and pick the device: ``cuda:LOCAL_RANK`` on a GPU machine (nccl), else
+    the CPU (gloo)."""
+    local_rank = int(os.environ.get('LOCAL_RANK', '0'))
+    if dist.is_available() and dist.is_initialized():  # the caller's group (a training script): join it as is
+        info = DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
+        return info, _resolve_device(device, info)
     world_size = int(os.environ.get('WORLD_SIZE', '1'))
-    info = DistInfo(int(os.environ.get('RANK', '0')), world_size, int(os.environ.get('LOCAL_RANK', '0')))
+    info = DistInfo(int(os.environ.get('RANK', '0')), world_size, local_rank)
     dev = _resolve_device(device, info)
     if info.distributed and not dist.is_initialized():
         backend = 'nccl' if dev.type == 'cuda' else 'gloo'
@@ -145,25 +152,42 @@ class TimmEvalTransform:
 
         self.transform = create_transform(**data_config)
         self.crop_pct = data_config['crop_pct']
+        self.max_pixels = max_image_pixels()
 
     def __call__(self, image: Any) -> torch.Tensor:
-        if not isinstance(image, Image.Image):
-            image = Image.open(io.BytesIO(image))
+        if isinstance(image, Image.Image):
+            check_image_pixels(image.width, image.height, self.max_pixels)
+        else:
+            image = open_image(image, self.max_pixels)  # refuses a decompression bomb from its header
         with image:
             return self.transform(image.convert('RGB'))
 
 
 def eval_transform(
-    model: torch.nn.Module, preprocessing: str = 'tf', crop: str = 'padding32', interpolation: str | None = None
+    model: torch.nn.Module,
+    preprocessing: str = 'tf',
+    crop: str = 'padding32',
+    img_size: int | None = None,
+    crop_pct: float | None = None,
+    interpolation: str | None = None,
 ) -> tuple[Callable, dict]:
-    """The per-image transform and a description of it (for the report and the results file)."""
+    """The per-image transform and a description of it (for the report and the results file). ``img_size`` and
+    ``crop_pct`` (timm's ``--img-size`` / ``--crop-pct``) override the model's size and the ``crop`` convention."""
     from timm.data import resolve_data_config
 
     if preprocessing not in PREPROCESSINGS:
         raise InputError(f'--preprocessing must be one of {PREPROCESSINGS}, got {preprocessing!r}')
     if crop not in CROPS:
         raise InputError(f'--crop must be one of {CROPS}, got {crop!r}')
+    if img_size is not None and img_size < 1:
+        raise InputError(f'--img-size must be >= 1, got {img_size}')
+    if crop_pct is not None and not 0 < crop_pct <= 1:
+        raise InputError(f'--crop-pct must be in (0, 1], got {crop_pct}')
     data_config = resolve_data_config({}, model=model)
+    if img_size is not None:
+        data_config['input_size'] = (data_config['input_size'][0], img_size, img_size)
+    if crop_pct is not None:
+        data_config['crop_pct'], crop = crop_pct, 'crop_pct'
     tf = _tf_transform(data_config, crop, interpolation)
     desc = dict(
         preprocessing=preprocessing,
@@ -353,15 +377,17 @@ def official_top1(model: torch.nn.Module) -> float | None:
 
 
 def validate(
-    data: Path,
+    data: Path | str,
     model_name: str | None = None,
-    weights: Path | None = None,
+    weights: Path | str | None = None,
     *,
     dataset: str = '',
-    ground_truth: Path | None = None,
+    ground_truth: Path | str | None = None,
     batch_size: int = 64,
     workers: int = 4,
     crop: str = 'padding32',
+    img_size: int | None = None,
+    crop_pct: float | None = None,
     preprocessing: str = 'tf',
     amp: str | None = None,
     channels_last: bool = False,
@@ -373,13 +399,17 @@ def validate(
     interpolation: str | None = None,
 ) -> dict[str, Any] | None:
     """Evaluate a model on ImageNet-val at ``data`` (see ``effnet-timm validate --help``); joins torchrun's
-    process group when launched by it. Returns the result on rank 0 and ``None`` on the other ranks."""
+    process group when launched by it, or uses the caller's (and leaves it initialised). Returns the result on
+    rank 0 and ``None`` on the other ranks."""
+    weights = None if weights is None else Path(weights)
+    ground_truth = None if ground_truth is None else Path(ground_truth)
     source = open_imagenet_val(Path(data), dataset, ground_truth)  # before the model: a bad path fails at once
+    own_group = not (dist.is_available() and dist.is_initialized())
     info, dev = init_distributed(device)
     try:
         model = build_model(model_name, weights, info)
         _check_classes(model, source)
-        transform, pre = eval_transform(model, preprocessing, crop, interpolation)
+        transform, pre = eval_transform(model, preprocessing, crop, img_size, crop_pct, interpolation)
         runtime = dict(
             amp=amp, channels_last=channels_last, fuse=fuse, param_count=sum(p.numel() for p in model.parameters())
         )  # before fusing folds BatchNorm away
@@ -404,9 +434,11 @@ def validate(
         )
         if not info.is_main:
             return None
-        return _result(model, source, ev, pre, info, dev, runtime)
+        protocol = dict(limit=limit, preprocessing=preprocessing, crop=pre['crop'], amp=amp, img_size=pre['img_size'])
+        protocol['crop_pct'] = crop_pct
+        return _result(model, source, ev, pre, info, dev, runtime, protocol)
     finally:
-        if info.distributed and dist.is_initialized():
+        if own_group and info.distributed and dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -430,12 +462,48 @@ class _Limited(torch.utils.data.Dataset):
 
 
 def _check_classes(model: torch.nn.Module, source: ImageSource) -> None:
-    from ..data.datasets import TimmSource
+    from ..data.datasets import OTHER_CLASSES, TimmSource
 
-    if model.num_classes != 1000 and not (isinstance(source, TimmSource) and source.remap is None):
+    own_labels = isinstance(source, TimmSource) and source.remap is None  # a timm dataset's own label space
+    if model.num_classes != 1000 and not own_labels:
         raise InputError(
             f'the model has {model.num_classes} classes; ImageNet-val is labelled with the 1000 ImageNet-1k classes'
         )
+    if model.num_classes == 1000 and own_labels:
+        raise InputError(
+            f'{source.root}: its labels ({source.label_summary()}) are not ImageNet-1k classes (WordNet synset ids '
+            "or ImageNet-1k class names) and cannot be mapped to the model's 1000 outputs" + OTHER_CLASSES
+        )
+
+
+IMAGENET_VAL_IMAGES = 50_000
+OFFICIAL_PROTOCOL = "the full 50,000-image split, TF preprocessing, the padding32 crop at the table's size, fp32"
+
+
+def _official_deviations(model: torch.nn.Module, ev: Evaluation, protocol: dict[str, Any]) -> list[str]:
+    """How this run differs from the protocol behind the README's top-1 (empty: the difference means something)."""
+    from ..models.config import VARIANTS
+    from ..weights.tags import GENERIC_RESOLUTION
+
+    cfg = getattr(model, 'pretrained_cfg', {}) or {}
+    spec, arch = TAGS[cfg['tag']], cfg['architecture']  # official_top1 found both
+    size = spec.input_size or (VARIANTS[arch].resolution if arch in VARIANTS else GENERIC_RESOLUTION)
+    deviations = []
+    if protocol['limit'] is not None:
+        deviations.append(f'--limit {protocol["limit"]}')
+    if ev.num_images != IMAGENET_VAL_IMAGES:
+        deviations.append(f'{ev.num_images:,} of the {IMAGENET_VAL_IMAGES:,} images')
+    if protocol['preprocessing'] != 'tf':
+        deviations.append(f'--preprocessing {protocol["preprocessing"]}')
+    if protocol['crop'] == 'crop_pct':
+        deviations.append(f'--crop-pct {protocol.get("crop_pct")}')
+    elif protocol['crop'] != 'padding32':
+        deviations.append(f'--crop {protocol["crop"]}')
+    if protocol['img_size'] != size:
+        deviations.append(f'{protocol["img_size"]} px, not {size}')
+    if protocol['amp'] is not None:
+        deviations.append(f'--amp {protocol["amp"]}')
+    return deviations
 
 
 def _result(
@@ -446,6 +514,7 @@ def _result(
     info: DistInfo,
     dev: torch.device,
     runtime: dict[str, Any],
+    protocol: dict[str, Any],
 ) -> dict[str, Any]:
     cfg = model.pretrained_cfg
     name = cfg.get('architecture', type(model).__name__) + (f'.{cfg["tag"]}' if cfg.get('tag') else '')
@@ -453,6 +522,7 @@ def _result(
         raise InputError(f'{source.root}: no image could be decoded ({len(ev.bad)} skipped with --skip-bad)')
     top1, top5 = 100 * ev.top1 / ev.num_images, 100 * ev.top5 / ev.num_images
     official = official_top1(model)
+    deviations = _official_deviations(model, ev, protocol) if official is not None else []
     names = [source.name(int(i)) for i in ev.rows[:, 0]]
     return dict(
         # timm validate.py's result keys first, with its rounding
@@ -469,7 +539,8 @@ def _result(
         top1_count=ev.top1,
         top5_count=ev.top5,
         official_top1=official,
-        official_top1_diff=None if official is None else round(top1 - official, 4),
+        official_top1_diff=None if official is None or deviations else round(top1 - official, 4),
+        official_protocol_deviations=deviations,
         images_per_s=round(ev.num_images / ev.seconds, 2) if ev.seconds > 0 else None,
         seconds=round(ev.seconds, 2),
         processes=info.world_size,
@@ -521,10 +592,15 @@ def format_result(result: dict[str, Any]) -> str:
         f'top-5       {result["top5"]:.3f} %  ({result["top5_count"]:,} / {n:,})',
         f'speed       {speed}',
     ]
-    if result['official_top1'] is not None:
+    if result['official_top1'] is not None and result['official_top1_diff'] is not None:
         lines.append(
             f'official    top-1 {result["official_top1"]:.1f} % (tensorflow/tpu README); '
-            f'difference {result["official_top1_diff"]:+.3f}'
+            f'difference {result["official_top1_diff"]:+.3f} (the published protocol: {OFFICIAL_PROTOCOL})'
+        )
+    elif result['official_top1'] is not None:
+        lines.append(
+            f'official    top-1 {result["official_top1"]:.1f} % (tensorflow/tpu README) is for {OFFICIAL_PROTOCOL}; '
+            f'no difference shown: this run has {", ".join(result["official_protocol_deviations"])}'
         )
     else:
         lines.append('official    no published top-1 for these weights (no pretrained tag)')
@@ -535,13 +611,13 @@ def format_result(result: dict[str, Any]) -> str:
 
 
 def check_output_path(path: Path | None, suffixes: tuple[str, ...], option: str) -> None:
-    """Refuse an output path before the run rather than after it."""
+    """Refuse an output path before the run rather than after it (see :mod:`.outputs`)."""
     if path is None:
         return
     if path.suffix.lower() not in suffixes:
         raise InputError(f'{path}: {option} must end in {" or ".join(suffixes)}')
-    if not path.parent.is_dir():
-        raise InputError(f'{path}: its folder does not exist')
+    if os.environ.get('RANK', '0') == '0':  # under torchrun only rank 0 writes (other nodes may lack the folder)
+        check_output_file(path, option)
 
 
 def write_results(result: dict[str, Any], path: Path) -> None:
@@ -571,17 +647,21 @@ def write_per_image(result: dict[str, Any], path: Path) -> None:
 
 def _write_atomic(path: Path, text: str) -> None:
     path = Path(path)
-    if not path.parent.is_dir():
-        raise InputError(f'{path}: its folder does not exist')
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    check_output_file(path, path.name)  # checked before the run too; the folder may have changed since
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    except OSError as err:
+        raise InputError(f'{path.parent}: cannot write {path.name} ({err.strerror or err})') from None
     try:
         # mkstemp makes the file 0600; a results file gets the mode open() would give it under the umask.
         os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, 'w', newline='') as f:
             f.write(text)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         os.unlink(tmp)
+        if isinstance(err, OSError):  # a full disk, a folder put in its way: one line, nothing half-written
+            raise InputError(f'{path.parent}: cannot write {path.name} ({err.strerror or err})') from None
         raise
 
 

@@ -47,6 +47,11 @@ and :func:`preprocess_batch` (NCHW float32 batch), both driven by
 ``timm.data.resolve_data_config({}, model=model)``. Hand them encoded bytes or paths for the exact
 decode, e.g. ``timm.data.ImageDataset(root, load_bytes=True, transform=create_tf_transform(cfg))``;
 a PIL image has already been decoded by Pillow.
+
+Hostile input: an image that declares more than ``EFFNET_TIMM_MAX_IMAGE_PIXELS`` (default 100 MP) is refused
+from its header with :class:`ImageTooLargeError` (a ``ValueError``) before any pixel is decoded, as is a JPEG
+of more than ``MAX_JPEG_SCANS`` scans; a file larger than such an image could be is refused before it is read.
+The crop is converted to float band by band, so one image at the limit takes a few hundred MB, not several GB.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ import functools
 import io
 import math
 import os
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -62,6 +68,8 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+
+from ..errors import InputError
 
 try:
     import simplejpeg
@@ -72,6 +80,15 @@ __all__ = [
     'ImageInput',
     'PUBLISHED_CROP_PADDING',
     'OFFICIAL_CROP_FRACTION',
+    'ENV_MAX_IMAGE_PIXELS',
+    'DEFAULT_MAX_IMAGE_PIXELS',
+    'ImageTooLargeError',
+    'MAX_JPEG_SCANS',
+    'max_image_pixels',
+    'max_image_bytes',
+    'check_image_pixels',
+    'open_image',
+    'read_image_file',
     'decode_image',
     'tf_crop_padding',
     'tf_center_crop_window',
@@ -100,10 +117,106 @@ _TF_TABLE_SIZE = 1024
 _TF_CUBIC_A = -0.75
 
 
+# ----------------------------------------------------------------------------- size limits
+
+ENV_MAX_IMAGE_PIXELS = 'EFFNET_TIMM_MAX_IMAGE_PIXELS'
+# 100 MP: tens of times an ImageNet photo, above what most cameras write, and about 450 MB to take through the
+# TF pipeline (a 100 MP JPEG at 600 px). A file that declares more (a decompression bomb: a few hundred bytes
+# saying 60000 x 60000) is refused from its header.
+DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
+# An encoded image is never larger than its uncompressed pixels (16-bit RGBA: 8 bytes each) plus headers.
+_BYTES_PER_PIXEL_BOUND = 8
+_HEADER_ALLOWANCE = 1 << 20
+# A progressive JPEG is decoded scan by scan over the whole image, and a scan can be a few bytes: thousands of them
+# take minutes within the pixel limit (about 2.5 ms a scan at 9 MP). Encoders write about 10 (mozjpeg up to ~20).
+MAX_JPEG_SCANS = 100
+_JPEG_SOS = b'\xff\xda'  # never inside entropy-coded data, where a 0xff byte is always followed by 0x00
+
+
+class ImageTooLargeError(ValueError):
+    """An image declares more pixels (or its file holds more bytes, or a JPEG more scans) than the limits allow:
+    refused before decoding."""
+
+
+def max_image_pixels() -> int:
+    """The most pixels (width x height) an image may declare: ``EFFNET_TIMM_MAX_IMAGE_PIXELS`` or 100 MP."""
+    raw = os.environ.get(ENV_MAX_IMAGE_PIXELS, '').strip()
+    if not raw:
+        return DEFAULT_MAX_IMAGE_PIXELS
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise InputError(f'{ENV_MAX_IMAGE_PIXELS}={raw!r}: expected a whole number of pixels >= 1')
+    return value
+
+
+def max_image_bytes(max_pixels: int | None = None) -> int:
+    """The largest image file read: what ``max_pixels`` 16-bit RGBA pixels take uncompressed, plus 1 MiB."""
+    return _BYTES_PER_PIXEL_BOUND * (max_image_pixels() if max_pixels is None else max_pixels) + _HEADER_ALLOWANCE
+
+
+def check_image_pixels(width: int, height: int, max_pixels: int | None = None) -> None:
+    """Raise :class:`ImageTooLargeError` when ``width x height`` is over the pixel limit."""
+    limit = max_image_pixels() if max_pixels is None else max_pixels
+    if width * height > limit:
+        raise ImageTooLargeError(
+            f'{width}x{height} pixels ({width * height / 1e6:,.1f} MP) is over the limit of {limit:,} '
+            f'({ENV_MAX_IMAGE_PIXELS}); refused before decoding'
+        )
+
+
+def read_image_file(path: str | os.PathLike, max_pixels: int | None = None) -> bytes:
+    """The bytes of an image file, refused (:class:`ImageTooLargeError`) without reading when the file is larger
+    than any image within the pixel limit can be (:func:`max_image_bytes`)."""
+    limit = max_image_bytes(max_pixels)
+    with open(path, 'rb') as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > limit:
+            raise ImageTooLargeError(
+                f'{size:,} bytes is more than an image within the pixel limit can hold ({limit:,} bytes; '
+                f'{ENV_MAX_IMAGE_PIXELS}); refused before reading'
+            )
+        data = f.read(limit + 1)  # a file that grows meanwhile (or lies in st_size, as /proc does) stays bounded
+    if len(data) > limit:
+        raise ImageTooLargeError(f'more than {limit:,} bytes ({ENV_MAX_IMAGE_PIXELS}); refused')
+    return data
+
+
+_PILLOW_BOMB = re.compile(r'\((\d+) pixels\)')
+
+
+def open_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
+    """Pillow's lazy open of encoded ``data``, refused (:class:`ImageTooLargeError`) before any pixel is decoded
+    when it declares more pixels than the limit. Pillow's own decompression-bomb warning is left to this check."""
+    limit = max_image_pixels() if max_pixels is None else max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as err:  # Pillow refuses above twice Image.MAX_IMAGE_PIXELS by itself
+        match = _PILLOW_BOMB.search(str(err))
+        pixels = f'{int(match.group(1)):,} pixels ({int(match.group(1)) / 1e6:,.1f} MP)' if match else 'its size'
+        pillow_limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+        where = (
+            f'the limit of {limit:,} ({ENV_MAX_IMAGE_PIXELS})'
+            if match and int(match.group(1)) > limit
+            else f"Pillow's decompression-bomb limit of {pillow_limit:,} (2 x PIL.Image.MAX_IMAGE_PIXELS)"
+        )
+        raise ImageTooLargeError(f'{pixels} is over {where}; refused before decoding') from None
+    try:
+        check_image_pixels(img.width, img.height, limit)
+    except ImageTooLargeError:
+        img.close()
+        raise
+    return img
+
+
 # ----------------------------------------------------------------------------- decoding
 
 
-def decode_image(image: ImageInput, decoder: str = 'auto') -> torch.Tensor:
+def decode_image(image: ImageInput, decoder: str = 'auto', max_pixels: int | None = None) -> torch.Tensor:
     """Decode ``image`` to an RGB uint8 tensor of shape (H, W, 3), the way TF's decoders do.
 
     ``image`` may be encoded bytes, a file path, a PIL image, or a uint8 array/tensor in HWC or
@@ -111,15 +224,24 @@ def decode_image(image: ImageInput, decoder: str = 'auto') -> torch.Tensor:
     ``decoder`` picks the JPEG decoder: ``'simplejpeg'`` (bit-exact with TF), ``'pillow'``
     (accurate DCT, ~1 level off), or ``'auto'`` (simplejpeg when installed). Other formats
     always go through Pillow, which is lossless for them.
+
+    An encoded image (or a lazily opened PIL image) that declares more than ``max_pixels``
+    (default :func:`max_image_pixels`) is refused from its header with :class:`ImageTooLargeError`,
+    before anything of its size is allocated; a path's message names the file.
     """
     if decoder not in _DECODERS:
         raise ValueError(f'decoder must be one of {_DECODERS}, got {decoder!r}')
+    if max_pixels is None:
+        max_pixels = max_image_pixels()
     if isinstance(image, (str, os.PathLike)):
-        with open(image, 'rb') as f:
-            image = f.read()
+        try:
+            return decode_image(read_image_file(image, max_pixels), decoder, max_pixels)
+        except ImageTooLargeError as err:
+            raise ImageTooLargeError(f'{os.fspath(image)}: {err}') from None
     if isinstance(image, (bytes, bytearray, memoryview)):
-        rgb = _decode_bytes(bytes(image), decoder)
+        rgb = _decode_bytes(bytes(image), decoder, max_pixels)
     elif isinstance(image, Image.Image):
+        check_image_pixels(image.width, image.height, max_pixels)
         rgb = _pil_to_rgb(image)
     elif isinstance(image, np.ndarray):
         return _array_to_rgb(torch.from_numpy(np.array(image)))  # copied: it may be read-only
@@ -130,29 +252,42 @@ def decode_image(image: ImageInput, decoder: str = 'auto') -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(rgb))
 
 
-def _decode_bytes(data: bytes, decoder: str) -> np.ndarray:
+def _check_jpeg_scans(data: bytes) -> None:
+    scans = data.count(_JPEG_SOS)
+    if scans > MAX_JPEG_SCANS:
+        raise ImageTooLargeError(
+            f'{scans:,} scans (JPEG start-of-scan markers), more than the {MAX_JPEG_SCANS} any encoder writes: '
+            'each is decoded over the whole image; refused before decoding'
+        )
+
+
+def _decode_bytes(data: bytes, decoder: str, max_pixels: int) -> np.ndarray:
+    if data.startswith(_JPEG_MAGIC):
+        _check_jpeg_scans(data)
     if data.startswith(_JPEG_MAGIC) and decoder != 'pillow':
         if simplejpeg is not None:
-            return _decode_jpeg_simplejpeg(data)
+            return _decode_jpeg_simplejpeg(data, max_pixels)
         if decoder == 'simplejpeg':
             raise ImportError("decoder='simplejpeg' needs `pip install simplejpeg`")
-    with Image.open(io.BytesIO(data)) as img:
+    with open_image(data, max_pixels) as img:
         return _pil_to_rgb(img)
 
 
-def _decode_jpeg_simplejpeg(data: bytes) -> np.ndarray:
+def _decode_jpeg_simplejpeg(data: bytes, max_pixels: int) -> np.ndarray:
     # TF's decode_jpeg defaults: dct_method '' = INTEGER_FAST, fancy_upscaling=True. simplejpeg's
     # default strict=True raises on truncated data, as TF does.
     options = dict(fastdct=True, fastupsample=False)
-    if simplejpeg.decode_jpeg_header(data)[2] in ('CMYK', 'YCCK'):
+    height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    check_image_pixels(width, height, max_pixels)  # the header only: nothing of the declared size allocated yet
+    if colorspace in ('CMYK', 'YCCK'):
         cmyk = simplejpeg.decode_jpeg(data, colorspace='CMYK', **options)
-        return _cmyk_to_rgb_tf(cmyk, stored_inverted=_has_adobe_marker(data))
+        return _cmyk_to_rgb_tf(cmyk, stored_inverted=_has_adobe_marker(data, max_pixels))
     return simplejpeg.decode_jpeg(data, colorspace='RGB', **options)
 
 
-def _has_adobe_marker(data: bytes) -> bool:
+def _has_adobe_marker(data: bytes, max_pixels: int) -> bool:
     # Opening is lazy: Pillow parses the markers without decoding the scan.
-    with Image.open(io.BytesIO(data)) as img:
+    with open_image(data, max_pixels) as img:
         return 'adobe' in img.info
 
 
@@ -162,10 +297,9 @@ def _cmyk_to_rgb_tf(cmyk: np.ndarray, stored_inverted: bool) -> np.ndarray:
     Adobe-marked files store inverted CMYK, so there ``r = c * k // 255``; otherwise
     ``r = (255 - c) * (255 - k) // 255``.
     """
-    values = cmyk.astype(np.int32)
-    if not stored_inverted:
-        values = 255 - values
-    return (values[..., :3] * values[..., 3:] // 255).astype(np.uint8)
+    values = cmyk if stored_inverted else 255 - cmyk
+    # uint16 holds 255 * 255: the same integers as in TF's int arithmetic, at a quarter of int32's memory.
+    return (values[..., :3].astype(np.uint16) * values[..., 3:] // 255).astype(np.uint8)
 
 
 def _pil_to_rgb(img: Image.Image) -> np.ndarray:
@@ -303,10 +437,11 @@ def _resize_bicubic_tf1_hwc(image: torch.Tensor, size: int) -> torch.Tensor:
     A DataLoader worker's crop of a photo is 300-600 px; the
     dense product there spends most of its time multiplying zero weights."""
     height, width, channels = image.shape
-    x = image.reshape(height, width * channels).float()
     rows = torch.empty(size, width * channels, dtype=torch.float32)
     for o0, o1, lo, hi, w in _resize_bands(height, size):
-        torch.matmul(w, x[lo:hi], out=rows[o0:o1])
+        # Each band's rows become float32 on their own: the same operands as converting the whole crop first,
+        # without a float copy of it (4 bytes a sample: 1.4 GB for a 100 MP photo's crop).
+        torch.matmul(w, image[lo:hi].reshape(hi - lo, width * channels).float(), out=rows[o0:o1])
     # (size, channels, width): columns become the contiguous axis for the second product.
     cols_in = rows.view(size, width, channels).permute(0, 2, 1).reshape(size * channels, width)
     out = torch.empty(size * channels, size, dtype=torch.float32)
@@ -410,6 +545,7 @@ class TfEvalTransform:
         mean: Sequence[float] | None,
         std: Sequence[float] | None,
         decoder: str = 'auto',
+        max_pixels: int | None = None,
         interpolation: str = 'bicubic',
     ) -> None:
         if interpolation not in INTERPOLATIONS:
@@ -424,6 +560,8 @@ class TfEvalTransform:
         self.std = None if std is None else tuple(std)
         self.decoder = decoder
         self.interpolation = interpolation
+        # Read once here (a bad EFFNET_TIMM_MAX_IMAGE_PIXELS fails at once, not per image) and carried to workers.
+        self.max_pixels = max_image_pixels() if max_pixels is None else max_pixels
 
     @property
     def crop_pct(self) -> float:
@@ -433,7 +571,7 @@ class TfEvalTransform:
         return tf_center_crop_window(height, width, self.image_size, self.crop_padding)
 
     def __call__(self, image: ImageInput) -> torch.Tensor:
-        rgb = decode_image(image, self.decoder)
+        rgb = decode_image(image, self.decoder, self.max_pixels)
         top, left, side, _ = self.crop_window(rgb.shape[0], rgb.shape[1])
         crop = rgb[top : top + side, left : left + side]
         if self.interpolation == 'bilinear':
@@ -475,7 +613,7 @@ def create_tf_transform(
     if interpolation is None:
         configured = data_config.get('interpolation', 'bicubic')
         interpolation = configured if configured in INTERPOLATIONS else 'bicubic'
-    return TfEvalTransform(size, padding, mean, std, decoder, interpolation)
+    return TfEvalTransform(size, padding, mean, std, decoder, interpolation=interpolation)
 
 
 def preprocess_batch(

@@ -10,7 +10,6 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from timm.layers import create_classifier, get_device_dtype
 from timm.models._efficientnet_builder import efficientnet_init_weights
 from timm.models._features import feature_take_indices
@@ -18,7 +17,7 @@ from timm.models._features import feature_take_indices
 from .blocks import create_block
 from .config import FAMILIES, BlockConfig, block_table, head_filters, stem_filters
 from .layers import create_conv
-from .recompute import recompute_activations, strip_recipe
+from .recompute import checkpoint, recompute_activations, strip_recipe
 from .recompute_layers import BatchNormRecompute2d, ReLU6Recompute, ReLURecompute, SwishRecompute
 
 __all__ = ['EffNetV1', 'BN_EPS_TF', 'BN_MOMENTUM_TF']
@@ -41,7 +40,7 @@ class Stage(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and not torch.jit.is_scripting():
             for block in self:
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x)  # leaves BatchNorm buffers as a plain step does
             return x
         for block in self:
             x = block(x)

@@ -90,13 +90,15 @@ class FusedConv2d(Conv2dTfSame):
         return F.silu(x, inplace=True) if self.swish else x
 
     def _use_fused_kernel(self, x: torch.Tensor) -> bool:
-        # Only in eager CPU fp32 inference: the op has no autograd and is not for export graphs.
+        # Only in eager CPU fp32 inference: the op has no autograd and is not for export graphs. Not under
+        # autocast either, which it ignores: F.conv2d then computes in the autocast dtype, as unfused.
         if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
             return False
         return (
             self.fused_kernel
             and x.device.type == 'cpu'
             and x.dtype == torch.float32
+            and not torch.is_autocast_enabled('cpu')
             and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
         )
 

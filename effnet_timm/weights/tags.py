@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass, replace
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from functools import cache
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
@@ -13,18 +18,55 @@ from ..models.config import ALL_VARIANTS, FAMILY_VARIANTS
 __all__ = [
     'HUB_ORG',
     'OFFICIAL_CKPT_ROOT',
-    'TagSpec',
-    'TAGS',
-    'FamilyCheckpoints',
     'FAMILY_CHECKPOINTS',
-    'hub_repo_id',
-    'pretrained_cfg',
+    'FamilyCheckpoints',
+    'PINS_FILE',
+    'HubPin',
+    'TagSpec',
+    'TarballPin',
+    'TAGS',
     'default_cfg_table',
+    'hub_pin',
+    'hub_repo_id',
+    'official_path',
+    'pretrained_cfg',
+    'reload_pins',
+    'tag_of_official_path',
+    'tag_of_sha256',
+    'tarball_pin',
+    'tarball_pins',
 ]
 
 HUB_ORG = 'effnet-timm'
 OFFICIAL_CKPT_ROOT = 'https://storage.googleapis.com/cloud-tpu-checkpoints/efficientnet'
 GENERIC_RESOLUTION = 224  # the generic `effnet_v1` (any width/depth) has no official size
+PINS_FILE = Path(__file__).with_name('pins.json')  # sha256 + size of each official tarball (`--record-pins`)
+_SHA256 = re.compile(r'^[0-9a-f]{64}$')
+_COMMIT = re.compile(r'^[0-9a-f]{40}$')
+
+
+@dataclass(frozen=True)
+class HubPin:
+    """A published Hub copy we can check: the repo's commit id and the sha256 of its `model.safetensors`.
+
+    `effnet-convert push` prints the pin to add after a publish; only a pinned (variant, tag) asks the Hub."""
+
+    revision: str  # 40-hex commit id, never a branch: a branch can move under us
+    sha256: str
+
+    def __post_init__(self) -> None:
+        if not _COMMIT.match(self.revision) or not _SHA256.match(self.sha256):
+            raise ValueError(
+                f'HubPin({self.revision!r}, {self.sha256!r}): expected a 40-hex commit and a 64-hex sha256'
+            )
+
+
+@dataclass(frozen=True)
+class TarballPin:
+    """What an official tarball is: its sha256 and size, recorded from the real bucket."""
+
+    sha256: str
+    size: int
 
 
 @dataclass(frozen=True)
@@ -38,6 +80,8 @@ class TagSpec:
     mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN
     std: tuple[float, float, float] = IMAGENET_DEFAULT_STD
     input_size: int | None = None  # evaluated at another size than the variant's native one
+    # variant -> HubPin of its published Hub repo; optional: a row without pins is served from the official tarball
+    hub_pins: Mapping[str, HubPin] = field(default_factory=dict, hash=False)
 
 
 def _bs(*indices: int) -> tuple[str, ...]:
@@ -164,12 +208,84 @@ def hub_repo_id(variant: str, tag: str) -> str:
     return f'{HUB_ORG}/{variant}.{tag}'
 
 
-def official_url(variant: str, tag: str, root: str = OFFICIAL_CKPT_ROOT) -> str:
-    """The official tarball of `variant.tag` under `root` (the bucket, or a mirror laid out like it)."""
+def official_path(variant: str, tag: str) -> str:
+    """The tarball's path under the bucket root, e.g. 'ckptsaug/efficientnet-b0.tar.gz' (the pins' key);
+    'lite/efficientnet-lite0.tar.gz', 'efficientnet-edgetpu-S.tar.gz' (at the root) for the other families."""
     family = family_checkpoints(variant)
     if family is not None:
-        return root + family.url_pattern.format(name=ALL_VARIANTS[variant].official_name)
-    return root + TAGS[tag].url_pattern.format(n=variant.rsplit('_', 1)[-1])
+        return family.url_pattern.format(name=ALL_VARIANTS[variant].official_name).lstrip('/')
+    return TAGS[tag].url_pattern.format(n=variant.rsplit('_', 1)[-1]).lstrip('/')
+
+
+def official_url(variant: str, tag: str, root: str = OFFICIAL_CKPT_ROOT) -> str:
+    """The official tarball of `variant.tag` under `root` (the bucket, or a mirror laid out like it)."""
+    return root.rstrip('/') + '/' + official_path(variant, tag)
+
+
+def hub_pin(variant: str, tag: str) -> HubPin | None:
+    """The pin of `variant.tag`'s published Hub repo, or None (then the Hub is not asked by default)."""
+    spec = TAGS.get(tag)
+    return spec.hub_pins.get(variant) if spec else None
+
+
+@cache
+def _pins_from(path: str) -> dict[str, TarballPin]:
+    try:
+        data = json.loads(Path(path).read_text(encoding='utf-8'))
+    except FileNotFoundError:
+        return {}
+    pins = {}
+    for key, value in (data.get('tarballs') or {}).items():
+        sha, size = value.get('sha256'), value.get('size')
+        if not (isinstance(sha, str) and _SHA256.match(sha) and isinstance(size, int) and size > 0):
+            raise ValueError(f'{path}: pin of {key!r} is {value!r}, expected {{"sha256": 64 hex, "size": bytes}}')
+        pins[key] = TarballPin(sha, size)
+    return pins
+
+
+def tarball_pins() -> dict[str, TarballPin]:
+    """Official path (as `official_path`) -> TarballPin, from `pins.json` beside this module."""
+    return _pins_from(str(PINS_FILE))
+
+
+def reload_pins() -> None:
+    """Read `pins.json` again at the next look-up (after `--record-pins` wrote it)."""
+    _pins_from.cache_clear()
+
+
+def tarball_pin(variant: str, tag: str) -> TarballPin | None:
+    return tarball_pins().get(official_path(variant, tag))
+
+
+def tag_of_official_path(path: str, variant: str | None = None) -> str | None:
+    """The tag whose official tarball `path` (a URL or file path) is, judged by its last two components only
+    (`<family folder>/<official file name>`, as in TAGS), or None. Free text elsewhere in the path is ignored."""
+    parts = PurePosixPath(path.replace('\\', '/').split('?')[0]).parts
+    if len(parts) < 2:
+        return None
+    found = {
+        tag
+        for tag, spec in TAGS.items()
+        for v in spec.variants
+        if (variant in (None, v)) and _path_tail(parts, official_path(v, tag)) == official_path(v, tag)
+    }
+    return found.pop() if len(found) == 1 else None
+
+
+def _path_tail(parts: tuple[str, ...], official: str) -> str:
+    # As many trailing components as the official path has (EdgeTPU's tarballs lie at the bucket root).
+    return '/'.join(parts[-(official.count('/') + 1) :])
+
+
+def tag_of_sha256(sha256: str, variant: str | None = None) -> str | None:
+    """The tag of the official tarball whose pinned sha256 this is, or None."""
+    pins = tarball_pins()
+    for tag, spec in TAGS.items():
+        for v in spec.variants:
+            pin = pins.get(official_path(v, tag))
+            if pin is not None and pin.sha256 == sha256 and variant in (None, v):
+                return tag
+    return None
 
 
 def crop_pct_for(size: int) -> float:

@@ -146,8 +146,11 @@ def _run(code: str, env: dict) -> subprocess.CompletedProcess:
     )
 
 
-def test_registered_tag_loads_from_a_filled_hub_cache_offline(b0_weights, tmp_path):
-    """`pretrained=True` on a registered tag resolves `HUB_ORG/effnet_v1_b0.aa_in1k` in the real Hub cache."""
+def test_hub_cache_copy_is_used_only_for_a_pinned_tag(b0_weights, tmp_path):
+    """Weights that sit in the Hub cache under `HUB_ORG/effnet_v1_b0.aa_in1k` (whoever published them) are not loaded
+    for an unpinned tag; once the TAGS row pins that commit and the file's sha256, they are (offline, no request)."""
+    import hashlib
+
     source, path = b0_weights
     commit = 'a' * 40
     repo = tmp_path / 'hub' / f'models--{HUB_ORG}--effnet_v1_b0.aa_in1k'
@@ -157,16 +160,29 @@ def test_registered_tag_loads_from_a_filled_hub_cache_offline(b0_weights, tmp_pa
     (repo / 'snapshots' / commit / 'model.safetensors').write_bytes(path.read_bytes())
     x = torch.randn(1, 3, 64, 64)
     torch.save(x, tmp_path / 'x.pt')
-    result = _run(
-        f"""
+    load = f"""
         import torch, timm, effnet_timm
-        model = timm.create_model('effnet_v1_b0.aa_in1k', pretrained=True).eval()
-        with torch.inference_mode():
-            torch.save(model(torch.load({str(tmp_path / 'x.pt')!r})), {str(tmp_path / 'y.pt')!r})
-    """,
-        dict(HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(tmp_path / 'hub')),
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+        try:
+            model = timm.create_model('effnet_v1_b0.aa_in1k', pretrained=True).eval()
+        except effnet_timm.PretrainedWeightsError as err:
+            print(err)
+        else:
+            with torch.inference_mode():
+                torch.save(model(torch.load({str(tmp_path / 'x.pt')!r})), {str(tmp_path / 'y.pt')!r})
+    """
+    env = dict(HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(tmp_path / 'hub'), EFFNET_TIMM_CACHE=str(tmp_path / 'cache'))
+    unpinned = _run(load, env)
+    assert unpinned.returncode == 0 and not (tmp_path / 'y.pt').exists(), unpinned.stderr[-2000:]
+    assert 'HF_HUB_OFFLINE=1' in unpinned.stdout and 'effnet-timm download' in unpinned.stdout
+    sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+    pin = f"""
+        import dataclasses
+        from effnet_timm.weights.tags import TAGS, HubPin
+        pin = HubPin({commit!r}, {sha256!r})
+        TAGS['aa_in1k'] = dataclasses.replace(TAGS['aa_in1k'], hub_pins={{'effnet_v1_b0': pin}})
+    """
+    pinned = _run(textwrap.dedent(pin) + textwrap.dedent(load), env)
+    assert pinned.returncode == 0 and pinned.stdout == '', pinned.stdout + pinned.stderr[-2000:]
     with torch.inference_mode():
         torch.testing.assert_close(torch.load(tmp_path / 'y.pt'), source.eval()(x))
 
@@ -182,12 +198,13 @@ def test_unavailable_hub_weights_fail_in_one_clear_line(tmp_path):
         else:
             print('LOADED')
     """,
-        dict(HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(tmp_path / 'empty')),
+        dict(HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(tmp_path / 'empty'), EFFNET_TIMM_CACHE=str(tmp_path / 'cache')),
     )
     assert result.returncode == 0, result.stderr[-2000:]
     message = result.stdout.strip()
     assert len(message.splitlines()) == 1
-    assert f'{HUB_ORG}/effnet_v1_b0.ap_in1k' in message and 'effnet-convert' in message
+    assert 'effnet_v1_b0.ap_in1k' in message and 'HF_HUB_OFFLINE=1' in message and 'effnet-convert' in message
+    assert f'{HUB_ORG}/' not in message  # no unpinned Hub repo is a source
 
 
 def test_tag_table_matches_expected_families():
