@@ -763,7 +763,8 @@ def test_download_command_names_tag_and_all():
         ('effnet_v1_l2', 'ns_jft_in1k_475'),
         ('effnet_v1_b8', 'ap_in1k'),
     ]
-    assert len(select_names(all_=True)) == 9 + 9 + 1 + 3 + 8 + 6  # every official file (tensorflow/tpu README)
+    # every official file (tensorflow/tpu README), and Lite0-4, EdgeTPU-S/M/L, CondConv x3 (lite/, edgetpu/, condconv/)
+    assert len(select_names(all_=True)) == 9 + 9 + 1 + 3 + 8 + 6 + 5 + 3 + 3
     assert select_names(['effnet_v1_b0.aa_in1k', 'effnet_v1_b1'], tag='in1k') == [
         ('effnet_v1_b0', 'aa_in1k'),
         ('effnet_v1_b1', 'in1k'),
