@@ -47,6 +47,15 @@ PREDICT_EPILOG = (
 )
 
 
+def _resize_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        '--resize',
+        choices=('bicubic', 'bilinear'),
+        help="TF1 resize (default: the model's official one: bilinear for Lite/EdgeTPU as their main.py, else "
+        'bicubic; eval_ckpt_main.py resizes all bicubically)',
+    )
+
+
 def _predict_arguments(p: argparse.ArgumentParser) -> None:
     p.epilog = PREDICT_EPILOG
     p.add_argument(
@@ -72,6 +81,7 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
         help='centre crop: 32 px padding as behind the published accuracies (default), or the '
         "current official code's 0.875 fraction",
     )
+    _resize_argument(p)
     p.add_argument(
         '--crop-pct',
         type=float,
@@ -102,7 +112,7 @@ def _run_predict(args: argparse.Namespace) -> int:
 
     images = image_files(args.images)  # before the model is built: a mistyped path fails at once
     model = load_model(args.model, args.weights)
-    result = predict(model, images, args.topk, args.crop, args.compare_timm_preprocessing)
+    result = predict(model, images, args.topk, args.crop, args.compare_timm_preprocessing, args.resize)
     print(json.dumps(result, indent=2) if args.json else format_predictions(result))
     if result['failed']:
         print(
@@ -233,6 +243,7 @@ def _validate_arguments(p: argparse.ArgumentParser) -> None:
         default='tf',
         help="the official TF pipeline (default) or timm's own eval transform, for comparison",
     )
+    _resize_argument(p)
     p.add_argument('--amp', choices=('bf16', 'fp16'), help='autocast the forward to this dtype')
     p.add_argument('--channels-last', action='store_true', help='channels_last memory format')
     p.add_argument('--fuse', action='store_true', help='fold BatchNorm into the convs (effnet_timm.fuse)')
@@ -292,6 +303,7 @@ def _run_validate(args: argparse.Namespace) -> int:
         device=args.device,
         skip_bad=args.skip_bad,
         progress=not args.no_progress,
+        interpolation=args.resize,
     )
     if result is None:  # a torchrun rank other than 0: rank 0 reports
         return 0

@@ -19,12 +19,19 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 import effnet_timm  # noqa: F401  (registers the architectures with timm)
-from effnet_timm.models.config import VARIANTS
+from effnet_timm.models.config import ALL_VARIANTS
 from effnet_timm.weights.integrity import file_digests, sha256_file
-from effnet_timm.weights.tags import TAGS, official_url, pretrained_cfg, tag_of_official_path, tag_of_sha256
+from effnet_timm.weights.tags import (
+    TAGS,
+    family_cfg,
+    official_url,
+    pretrained_cfg,
+    tag_of_official_path,
+    tag_of_sha256,
+)
 
 from .errors import CheckpointError, OutputError
-from .mapping import EMA_SUFFIX, RMSPROP_SUFFIXES, Architecture, detect_architecture, official_layout, to_torch_layout
+from .mapping import EMA_SUFFIX, RMSPROP_SUFFIXES, Architecture, detect_architecture, to_torch_layout
 from .sources import ResolvedSource, resolve_source
 from .tf_bundle import TensorBundle
 
@@ -85,8 +92,8 @@ def read_weights(
     if tag is not None:
         check_tag(tag, arch.variant)
     global_step = bundle.global_step  # checked (an int64 scalar) before the long read
-    slots = official_layout(arch.width, arch.depth, arch.num_classes, arch.bn)
-    names = {slot: f'{arch.scope}/{slot.tf_name}' for slot in slots}
+    slots = arch.layout()
+    names = {slot: arch.tf_name(slot) for slot in slots}
     ema_used = ema and _use_ema(names.values(), shapes, bundle, allow_partial_ema)
 
     state: dict[str, torch.Tensor] = {}
@@ -99,7 +106,7 @@ def read_weights(
         if ema_used and source == name:
             raw_fallback.append(name)
         value = _read_variable(bundle, source, slot.tf_shape)
-        state[slot.key] = torch.from_numpy(to_torch_layout(value, slot.layout))
+        state[slot.key] = torch.from_numpy(to_torch_layout(value, slot.layout, slot.expert_shape))
         if keep_official:  # a second copy of the weights: only --verify needs it
             official[name] = value
         used.add(source)
@@ -185,7 +192,9 @@ def build_model(arch: Architecture, tag: str | None = None, image_size: int | No
 def _pretrained_cfg(arch: Architecture, tag: str | None, image_size: int | None) -> dict[str, object]:
     if tag is not None:
         check_tag(tag, arch.variant)
-    cfg = pretrained_cfg(arch.variant, tag, image_size, architecture=arch.variant, num_classes=arch.num_classes)
+    overrides = {**family_cfg(arch.family), 'architecture': arch.variant, 'num_classes': arch.num_classes}
+    overrides.pop('label_offset', None)  # the converted file keeps every official logit (see _label_offset)
+    cfg = pretrained_cfg(arch.variant, tag, image_size, **overrides)
     cfg.pop('hf_hub_id', None)  # the converted folder is the weight source, not the Hub
     return cfg
 
@@ -346,10 +355,22 @@ def _convert_into(
     return result
 
 
+def _label_offset(config_path: Path, arch: Architecture) -> None:
+    """EdgeTPU: the file keeps the official 1001 logits (0: background); the config asks timm for a 1000-class
+    model and `label_offset` 1 (timm's convention: loading drops the first row), so logits are ImageNet's."""
+    offset = family_cfg(arch.family).get('label_offset', 0)
+    if not offset or arch.num_classes != 1000 + offset:
+        return
+    config = json.loads(config_path.read_text())
+    config['num_classes'] = config['model_args']['num_classes'] = config['pretrained_cfg']['num_classes'] = 1000
+    config['pretrained_cfg']['label_offset'] = offset
+    config_path.write_text(json.dumps(config, indent=4))
+
+
 def _unpack_cap(variant: str | None) -> int | None:
     """Bytes of checkpoint files an official `variant` can need: 4-byte values of every tensor, four times over
     (raw, EMA shadow, two RMSProp slots), plus room for the index. None when no variant is expected."""
-    if variant not in VARIANTS:
+    if variant not in ALL_VARIANTS:
         return None
     import timm
 
@@ -502,6 +523,7 @@ def _write_folder(
         'ema': weights.ema_label,
         **({'ema_raw_fallback': json.dumps(weights.raw_fallback)} if weights.raw_fallback else {}),
         'tf_scope': arch.scope,
+        **({'family': arch.family, 'num_experts': str(arch.num_experts)} if arch.family != 'efficientnet' else {}),
         'global_step': '' if weights.global_step is None else str(weights.global_step),
         'source': _public_source(resolved.origin),
         'source_files': json.dumps(result.sources),
@@ -511,6 +533,7 @@ def _write_folder(
     save_file(state, str(folder / 'model.safetensors'), metadata=metadata)
     os.chmod(folder / 'model.safetensors', 0o666 & ~_umask())  # safetensors creates it private
     save_config_for_hf(model, str(folder / 'config.json'), model_args=arch.model_args)
+    _label_offset(folder / 'config.json', arch)
     _add_provenance(folder / 'config.json', metadata, result, file_digests(folder))
     from .model_card import model_card
 

@@ -51,6 +51,7 @@ ImageItem = Path | tuple[str, bytes]
 MEAN_STD_NAMES = {
     ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)): 'imagenet',
     ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)): 'inception',
+    ((0.498, 0.498, 0.498), (0.502, 0.502, 0.502)): '127/128',  # Lite, EdgeTPU, CondConv
 }
 
 
@@ -211,11 +212,22 @@ def _weights_cfg(arch: str, tag: str, config: dict[str, Any] | None, file: Path,
     return cfg
 
 
+def _apply_label_offset(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """timm's `label_offset` convention (as its `load_pretrained`): the file has `offset` leading classes the
+    model does not (EdgeTPU's background logit), which are dropped."""
+    offset = (getattr(model, 'pretrained_cfg', None) or {}).get('label_offset') or 0
+    weight = state.get('classifier.weight')
+    if offset and weight is not None and weight.shape[0] == model.num_classes + offset:
+        state = dict(state, **{k: state[k][offset:] for k in ('classifier.weight', 'classifier.bias')})
+    return state
+
+
 def _load_weights(model: torch.nn.Module, file: Path, arch: str) -> None:
     try:
         state = load_file(str(file))
     except (SafetensorError, OSError, ValueError) as err:
         raise InputError(f'{file}: unreadable: {first_line(err)}') from None
+    state = _apply_label_offset(state, model)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith('num_batches_tracked')}
     found = {k: tuple(v.shape) for k, v in state.items() if not k.endswith('num_batches_tracked')}
     problems = [f'{k} missing' for k in expected if k not in found]
@@ -270,11 +282,12 @@ def read_images(paths: Sequence[Path]) -> list[tuple[str, bytes]]:
 # ----------------------------------------------------------------------------- predict
 
 
-def _tf_transform(data_config: dict[str, Any], crop: str) -> TfEvalTransform:
+def _tf_transform(data_config: dict[str, Any], crop: str, interpolation: str | None = None) -> TfEvalTransform:
     with warnings.catch_warnings():
         # The crop is the user's explicit choice and the output (or report) states it; a config mismatch is expected.
         warnings.filterwarnings('ignore', message=r'crop=.* crops with crop_padding')
-        return create_tf_transform(data_config, crop=crop)
+        # interpolation None: the model's own (TF1 bicubic; bilinear for Lite/EdgeTPU, as their main.py).
+        return create_tf_transform(data_config, crop=crop, interpolation=interpolation)
 
 
 def timm_aligned_config(data_config: dict[str, Any], transform: TfEvalTransform) -> dict[str, Any]:
@@ -361,12 +374,13 @@ def predict(
     topk: int = 5,
     crop: str = 'padding32',
     compare_timm: bool = False,
+    interpolation: str | None = None,
 ) -> dict[str, Any]:
     """Top-k of each image (a path, or ``(name, encoded bytes)``) under the official preprocessing
     (optionally also timm's). An image that cannot be read or decoded gets an ``error`` entry instead of
     ``top``, and the others are still classified; ``failed`` counts those entries."""
     data_config = resolve_data_config({}, model=model)
-    tf_transform = _tf_transform(data_config, crop)
+    tf_transform = _tf_transform(data_config, crop, interpolation)
     if compare_timm:  # timm's transform with the same crop, so that the comparison shows resize and decoder
         data_config = timm_aligned_config(data_config, tf_transform)
     timm_transform = create_transform(**data_config) if compare_timm else None
@@ -410,6 +424,7 @@ def _preprocessing_summary(transform: TfEvalTransform, crop: str, data_config: d
         crop_pct=transform.crop_pct,
         mean=list(transform.mean),
         std=list(transform.std),
+        interpolation=transform.interpolation,
         jpeg_decoder='simplejpeg' if importlib.util.find_spec('simplejpeg') else 'pillow',
         timm_crop_pct=data_config['crop_pct'],
     )
@@ -417,10 +432,11 @@ def _preprocessing_summary(transform: TfEvalTransform, crop: str, data_config: d
 
 def format_predictions(result: dict[str, Any]) -> str:
     pre = result['preprocessing']
+    resize = pre.get('interpolation', 'bicubic')
     lines = [
         f'model       {result["model"]["name"]} ({result["model"]["weights"] or "no weights"})',
         f'preprocess  official TF eval: {pre["input_size"]}x{pre["input_size"]}, centre crop with '
-        f'{pre["crop_padding"]} px padding ({pre["crop"]}, crop_pct {pre["crop_pct"]:.4f}), TF1 bicubic, '
+        f'{pre["crop_padding"]} px padding ({pre["crop"]}, crop_pct {pre["crop_pct"]:.4f}), TF1 {resize}, '
         f'mean/std {mean_std_name(pre["mean"], pre["std"])}, JPEG decoder {pre["jpeg_decoder"]}',
     ]
     for entry in result['images']:

@@ -169,6 +169,7 @@ def eval_transform(
     crop: str = 'padding32',
     img_size: int | None = None,
     crop_pct: float | None = None,
+    interpolation: str | None = None,
 ) -> tuple[Callable, dict]:
     """The per-image transform and a description of it (for the report and the results file). ``img_size`` and
     ``crop_pct`` (timm's ``--img-size`` / ``--crop-pct``) override the model's size and the ``crop`` convention."""
@@ -187,12 +188,12 @@ def eval_transform(
         data_config['input_size'] = (data_config['input_size'][0], img_size, img_size)
     if crop_pct is not None:
         data_config['crop_pct'], crop = crop_pct, 'crop_pct'
-    tf = _tf_transform(data_config, crop)
+    tf = _tf_transform(data_config, crop, interpolation)
     desc = dict(
         preprocessing=preprocessing,
         img_size=tf.image_size,
         crop=crop,
-        interpolation='bicubic',
+        interpolation=tf.interpolation,  # the model's official resize (Lite/EdgeTPU: bilinear)
         mean_std=mean_std_name(data_config['mean'], data_config['std']),
     )
     if preprocessing == 'tf':
@@ -395,6 +396,7 @@ def validate(
     device: str | None = None,
     skip_bad: bool = False,
     progress: bool = False,
+    interpolation: str | None = None,
 ) -> dict[str, Any] | None:
     """Evaluate a model on ImageNet-val at ``data`` (see ``effnet-timm validate --help``); joins torchrun's
     process group when launched by it, or uses the caller's (and leaves it initialised). Returns the result on
@@ -407,7 +409,7 @@ def validate(
     try:
         model = build_model(model_name, weights, info)
         _check_classes(model, source)
-        transform, pre = eval_transform(model, preprocessing, crop, img_size, crop_pct)
+        transform, pre = eval_transform(model, preprocessing, crop, img_size, crop_pct, interpolation)
         runtime = dict(
             amp=amp, channels_last=channels_last, fuse=fuse, param_count=sum(p.numel() for p in model.parameters())
         )  # before fusing folds BatchNorm away
@@ -572,10 +574,11 @@ def format_result(result: dict[str, Any]) -> str:
     if pre['preprocessing'] == 'tf':
         how = (
             f'official TF eval: {pre["img_size"]}x{pre["img_size"]}, centre crop with {pre["crop_padding"]} px '
-            f'padding ({pre["crop"]}, crop_pct {pre["crop_pct"]:.4f}), TF1 bicubic'
+            f'padding ({pre["crop"]}, crop_pct {pre["crop_pct"]:.4f}), TF1 {pre["interpolation"]}'
         )
     else:
-        how = f'timm eval transform: {pre["img_size"]}x{pre["img_size"]}, crop_pct {pre["crop_pct"]}, PIL bicubic'
+        size, crop_pct = pre['img_size'], pre['crop_pct']
+        how = f'timm eval transform: {size}x{size}, crop_pct {crop_pct}, PIL {pre["interpolation"]}'
     n = result['num_images']
     speed = (
         f'{result["images_per_s"]:,.1f} images/s ({result["processes"]} process'

@@ -20,22 +20,24 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath
+from timm.layers import CondConv2d, DropPath
 from timm.models._efficientnet_blocks import SqueezeExcite
 from torch.nn.modules import module as _module
 
 from .config import BlockConfig
-from .layers import Conv2dTfSame, create_conv
+from .layers import Conv2dTfSame, create_conv, pad_before
 from .recompute import attach_recipe, recipe_of
 from .recompute_layers import BatchNormRecompute2d, SwishRecompute
 
 __all__ = [
     'DepthwiseSeparable',
     'InvertedResidual',
+    'CondConvInvertedResidual',
+    'FusedInvertedResidual',
     'SqueezeExciteRecompute',
+    'conv_bn_act_',
     'create_block',
     'inplace_allowed',
-    'conv_bn_act_',
     'unobserved_triple',
 ]
 
@@ -161,6 +163,13 @@ def _se_(se: SqueezeExcite, x: torch.Tensor) -> torch.Tensor:
     return x.mul_(se.gate(se.conv_expand(se.act1(se.conv_reduce(x.mean((2, 3), keepdim=True))))))
 
 
+def _se(cfg: BlockConfig, chs: int, se_act_layer: type) -> nn.Module:
+    """The block's SE, or Identity where the family has none (Lite, EdgeTPU)."""
+    if not cfg.has_se:
+        return nn.Identity()
+    return SqueezeExciteRecompute(chs, rd_channels=cfg.se_reduced_filters, act_layer=se_act_layer)
+
+
 class DepthwiseSeparable(nn.Module):
     """Official block with expand_ratio 1: depthwise → BN+Swish → SE → project → BN."""
 
@@ -179,7 +188,7 @@ class DepthwiseSeparable(nn.Module):
         self.conv_dw = create_conv(chs, chs, cfg.kernel_size, cfg.stride, dilation, groups=chs)
         self.bn1 = norm_layer(chs)
         self.act1 = act_layer()
-        self.se = SqueezeExciteRecompute(chs, rd_channels=cfg.se_reduced_filters, act_layer=se_act_layer)
+        self.se = _se(cfg, chs, se_act_layer)
         self.conv_pw = create_conv(chs, cfg.output_filters, 1)
         self.bn2 = norm_layer(cfg.output_filters)
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0.0 else nn.Identity()
@@ -239,7 +248,7 @@ class InvertedResidual(nn.Module):
         self.conv_dw = create_conv(mid, mid, cfg.kernel_size, cfg.stride, dilation, groups=mid)
         self.bn2 = norm_layer(mid)
         self.act2 = act_layer()
-        self.se = SqueezeExciteRecompute(mid, rd_channels=cfg.se_reduced_filters, act_layer=se_act_layer)
+        self.se = _se(cfg, mid, se_act_layer)
         self.conv_pwl = create_conv(mid, cfg.output_filters, 1)
         self.bn3 = norm_layer(cfg.output_filters)
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0.0 else nn.Identity()
@@ -291,5 +300,116 @@ def create_block(
     dilation: int = 1,
     drop_path_rate: float = 0.0,
 ) -> nn.Module:
-    block_cls = InvertedResidual if cfg.has_expand_conv else DepthwiseSeparable
+    if cfg.fused:
+        block_cls = FusedInvertedResidual
+    elif cfg.condconv:
+        block_cls = CondConvInvertedResidual
+    else:
+        block_cls = InvertedResidual if cfg.has_expand_conv else DepthwiseSeparable
     return block_cls(cfg, norm_layer, act_layer, se_act_layer, dilation=dilation, drop_path_rate=drop_path_rate)
+
+
+class FusedInvertedResidual(nn.Module):
+    """EdgeTPU's `MBConvBlockWithoutDepthwise`: 3x3 expand (carries the stride) → BN+act → project → BN.
+
+    Module names follow timm's `EdgeResidual` (`conv_exp`, `bn1`, `conv_pwl`, `bn2`). No SE. The official
+    residual test compares the block's declared widths (`cfg.has_residual`)."""
+
+    def __init__(
+        self,
+        cfg: BlockConfig,
+        norm_layer: NormFactory,
+        act_layer: ActFactory,
+        se_act_layer: type,
+        dilation: int = 1,
+        drop_path_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.has_residual = cfg.has_residual
+        mid = cfg.expanded_filters
+        self.conv_exp = create_conv(cfg.input_filters, mid, 3, cfg.stride, dilation)
+        self.bn1 = norm_layer(mid)
+        self.act1 = act_layer()
+        self.conv_pwl = create_conv(mid, cfg.output_filters, 1)
+        self.bn2 = norm_layer(cfg.output_filters)
+        self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0.0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        x = self.act1(self.bn1(self.conv_exp(x)))
+        x = self.bn2(self.conv_pwl(x))
+        if self.has_residual:
+            x = self.drop_path(x) + shortcut
+        return x
+
+
+class CondConv2dTfSame(CondConv2d):
+    """timm's `CondConv2d` (same parameters and expert layout) with `Conv2dTfSame`'s recorded-graph padding where
+    it is strided: TF's pad before, `k_eff - 1` in total, so the padded size is free of the input's parity.
+    The output is viewed straight from the batch-folded conv (its leading dim is 1), which leaves torch.export
+    no guard on the spatial size (timm's `pad_same` and permute-then-view make some)."""
+
+    def forward(self, x: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
+        padding = self.padding
+        if self.dynamic_padding:
+            k_h = (self.kernel_size[0] - 1) * self.dilation[0]
+            k_w = (self.kernel_size[1] - 1) * self.dilation[1]
+            top = pad_before(x.shape[-2], k_h + 1, self.stride[0])
+            left = pad_before(x.shape[-1], k_w + 1, self.stride[1])
+            x = F.pad(x, [left, k_w - left, top, k_h - top])
+            padding = (0, 0)
+        batch, channels, height, width = x.shape
+        weight = torch.matmul(routing_weights, self.weight)
+        weight = weight.view((batch * self.out_channels, self.in_channels // self.groups) + self.kernel_size)
+        folded = x.reshape(1, batch * channels, height, width)
+        if not torch.jit.is_scripting():
+            # The conv keeps this view for backward; as a recipe it does not pin a recomputable input.
+            if not torch.compiler.is_compiling() and torch.is_grad_enabled() and recipe_of(x) is not None:
+                attach_recipe(folded, torch.reshape, x, (1, batch * channels, height, width))
+        out = F.conv2d(folded, weight, None, self.stride, padding, self.dilation, self.groups * batch)
+        return out.view(batch, self.out_channels, out.shape[-2], out.shape[-1])
+
+
+class CondConvInvertedResidual(nn.Module):
+    """CondConv's MBConv: expand, depthwise and project convs whose kernels are per-example mixtures of
+    `num_experts` kernels, weighted by `sigmoid(routing_fn(mean of the block input))`.
+
+    timm's `CondConv2d` (expert `e` flattened as PyTorch's `[out, in/groups, kh, kw]`, 'same' padding:
+    TF's at stride 2, symmetric otherwise); module names follow timm's `CondConvResidual`."""
+
+    def __init__(
+        self,
+        cfg: BlockConfig,
+        norm_layer: NormFactory,
+        act_layer: ActFactory,
+        se_act_layer: type,
+        dilation: int = 1,
+        drop_path_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.has_residual = cfg.has_residual
+        experts, mid = cfg.num_experts, cfg.expanded_filters
+        self.routing_fn = nn.Linear(cfg.input_filters, experts)
+        self.conv_pw = CondConv2dTfSame(cfg.input_filters, mid, 1, padding='same', num_experts=experts)
+        self.bn1 = norm_layer(mid)
+        self.act1 = act_layer()
+        self.conv_dw = CondConv2dTfSame(
+            mid, mid, cfg.kernel_size, cfg.stride, padding='same', dilation=dilation, groups=mid, num_experts=experts
+        )
+        self.bn2 = norm_layer(mid)
+        self.act2 = act_layer()
+        self.se = _se(cfg, mid, se_act_layer)
+        self.conv_pwl = CondConv2dTfSame(mid, cfg.output_filters, 1, padding='same', num_experts=experts)
+        self.bn3 = norm_layer(cfg.output_filters)
+        self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0.0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        routing_weights = torch.sigmoid(self.routing_fn(x.mean((2, 3))))
+        x = self.act1(self.bn1(self.conv_pw(x, routing_weights)))
+        x = self.act2(self.bn2(self.conv_dw(x, routing_weights)))
+        x = self.se(x)
+        x = self.bn3(self.conv_pwl(x, routing_weights))
+        if self.has_residual:
+            x = self.drop_path(x) + shortcut
+        return x

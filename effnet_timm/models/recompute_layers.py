@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .recompute import attach_recipe, in_backward, recipe_of, recording
 
-__all__ = ['BatchNormRecompute2d', 'SwishRecompute']
+__all__ = ['BatchNormRecompute2d', 'SwishRecompute', 'ReLURecompute', 'ReLU6Recompute']
 
 
 def _affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -145,3 +145,27 @@ class SwishRecompute(nn.SiLU):
     @torch.jit.unused
     def _records_recipe(self, x: torch.Tensor) -> bool:
         return not torch.compiler.is_compiling() and torch.is_grad_enabled() and recipe_of(x) is not None
+
+
+class ReLURecompute(nn.ReLU):
+    """`nn.ReLU` (EdgeTPU) whose output carries a recipe when its input does, like `SwishRecompute`.
+
+    While recording it is computed as `F.threshold(x, 0, 0)` (the same values and gradients, zero at 0): its
+    backward keeps the input, a BatchNorm output with a recipe, where ReLU's keeps its own output, which gets
+    its recipe only after the op has saved it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            if not torch.compiler.is_compiling() and torch.is_grad_enabled() and recipe_of(x) is not None:
+                return attach_recipe(F.threshold(x, 0.0, 0.0), F.relu, x)
+        return F.relu(x)
+
+
+class ReLU6Recompute(nn.ReLU6):
+    """`nn.ReLU6` (Lite) whose output carries a recipe when its input does, like `SwishRecompute`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            if not torch.compiler.is_compiling() and torch.is_grad_enabled() and recipe_of(x) is not None:
+                return attach_recipe(F.relu6(x), F.relu6, x)
+        return F.relu6(x)

@@ -6,18 +6,20 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 
-from ..models.config import VARIANTS
+from ..models.config import ALL_VARIANTS, FAMILY_VARIANTS
 
 __all__ = [
     'HUB_ORG',
     'OFFICIAL_CKPT_ROOT',
+    'FAMILY_CHECKPOINTS',
+    'FamilyCheckpoints',
     'PINS_FILE',
     'HubPin',
     'TagSpec',
@@ -128,12 +130,90 @@ TAGS: dict[str, TagSpec] = {
 }
 
 
+@dataclass(frozen=True)
+class FamilyCheckpoints:
+    """The official checkpoints of one other V1 family (Lite, EdgeTPU, CondConv); all are tagged `in1k`.
+
+    Their normalisation is the official mean 127 / std 128 on 0..255 pixels, and `interpolation` is the
+    resize of the official `main.py` pipeline that produced the published accuracy.
+    """
+
+    description: str
+    url_pattern: str  # `{name}` is the official model name ('efficientnet-lite0', 'efficientnet-edgetpu-S')
+    official_top1: dict[str, float]  # the family's README, by variant
+    interpolation: str  # 'bilinear' (TF2 tf.image.resize, half-pixel centres) or 'bicubic' (TF1 kernel)
+    # EdgeTPU: logit 0 of the official graph is a background class, ImageNet class k is logit k + 1.
+    label_offset: int = 0
+
+
+FAMILY_MEAN = (127 / 255,) * 3
+FAMILY_STD = (128 / 255,) * 3
+FAMILY_CHECKPOINTS: dict[str, FamilyCheckpoints] = {
+    'lite': FamilyCheckpoints(
+        'EfficientNet-Lite (ImageNet-1k; ReLU6, no SE, fixed stem/head)',
+        '/lite/{name}.tar.gz',
+        {
+            'effnet_v1_lite0': 75.1,
+            'effnet_v1_lite1': 76.7,
+            'effnet_v1_lite2': 77.6,
+            'effnet_v1_lite3': 79.8,
+            'effnet_v1_lite4': 81.5,
+        },
+        'bilinear',
+    ),
+    'edgetpu': FamilyCheckpoints(
+        'EfficientNet-EdgeTPU (ImageNet-1k, 1001 classes with background at 0)',
+        '/{name}.tar.gz',
+        {'effnet_v1_edgetpu_s': 77.23, 'effnet_v1_edgetpu_m': 78.69, 'effnet_v1_edgetpu_l': 80.62},
+        'bilinear',
+        label_offset=1,
+    ),
+    'condconv': FamilyCheckpoints(
+        'EfficientNet-CondConv (ImageNet-1k; conditionally parameterized convolutions)',
+        '/condconv/{name}.tar.gz',
+        {'effnet_v1_condconv_b0_4e': 77.8, 'effnet_v1_condconv_b0_8e': 78.3, 'effnet_v1_condconv_b0_8e_depth': 79.5},
+        'bicubic',
+    ),
+}
+# The other families share the `in1k` tag with the B-series baseline: one row, whose per-variant URL,
+# normalisation, resize and label offset come from FAMILY_CHECKPOINTS.
+TAGS['in1k'] = replace(
+    TAGS['in1k'],
+    variants=TAGS['in1k'].variants + tuple(FAMILY_VARIANTS),
+    official_top1=TAGS['in1k'].official_top1
+    + tuple(FAMILY_CHECKPOINTS[s.family].official_top1[v] for v, s in FAMILY_VARIANTS.items()),
+)
+
+
+def family_checkpoints(variant: str) -> FamilyCheckpoints | None:
+    """The Lite/EdgeTPU/CondConv family row of `variant`, or None for the B-series."""
+    spec = FAMILY_VARIANTS.get(variant)
+    return FAMILY_CHECKPOINTS[spec.family] if spec else None
+
+
+def family_cfg(family: str) -> dict[str, Any]:
+    """Pretrained-cfg entries a family's official pipeline implies (any width/depth): mean 127 / std 128,
+    its eval resize, and EdgeTPU's background logit. Empty for the B-series."""
+    rows = FAMILY_CHECKPOINTS.get(family)
+    if rows is None:
+        return {}
+    cfg: dict[str, Any] = dict(mean=FAMILY_MEAN, std=FAMILY_STD, interpolation=rows.interpolation)
+    if rows.label_offset:
+        # timm's convention: a 1000-class model; loading drops the checkpoint's first `label_offset` logits.
+        cfg.update(label_offset=rows.label_offset)
+    return cfg
+
+
 def hub_repo_id(variant: str, tag: str) -> str:
     return f'{HUB_ORG}/{variant}.{tag}'
 
 
 def official_path(variant: str, tag: str) -> str:
-    """The tarball's path under the bucket root, e.g. 'ckptsaug/efficientnet-b0.tar.gz' (the pins' key)."""
+    """The tarball's path under the bucket root, e.g. 'ckptsaug/efficientnet-b0.tar.gz' (the pins' key);
+    'lite/efficientnet-lite0.tar.gz', 'efficientnet-edgetpu-S.tar.gz' (at the root) for the other families."""
+    family = family_checkpoints(variant)
+    if family is not None:
+        return family.url_pattern.format(name=ALL_VARIANTS[variant].official_name).lstrip('/')
     return TAGS[tag].url_pattern.format(n=variant.rsplit('_', 1)[-1]).lstrip('/')
 
 
@@ -183,14 +263,18 @@ def tag_of_official_path(path: str, variant: str | None = None) -> str | None:
     parts = PurePosixPath(path.replace('\\', '/').split('?')[0]).parts
     if len(parts) < 2:
         return None
-    tail = '/'.join(parts[-2:])
     found = {
         tag
         for tag, spec in TAGS.items()
         for v in spec.variants
-        if (variant in (None, v)) and official_path(v, tag) == tail
+        if (variant in (None, v)) and _path_tail(parts, official_path(v, tag)) == official_path(v, tag)
     }
     return found.pop() if len(found) == 1 else None
+
+
+def _path_tail(parts: tuple[str, ...], official: str) -> str:
+    # As many trailing components as the official path has (EdgeTPU's tarballs lie at the bucket root).
+    return '/'.join(parts[-(official.count('/') + 1) :])
 
 
 def tag_of_sha256(sha256: str, variant: str | None = None) -> str | None:
@@ -218,7 +302,7 @@ def pretrained_cfg(
 ) -> dict[str, Any]:
     """A timm pretrained cfg for `variant.tag` (no tag: the architecture alone, no weights)."""
     spec = TAGS[tag] if tag else None
-    native = VARIANTS[variant].resolution if variant in VARIANTS else GENERIC_RESOLUTION
+    native = ALL_VARIANTS[variant].resolution if variant in ALL_VARIANTS else GENERIC_RESOLUTION
     size = image_size or (spec.input_size if spec else None) or native
     cfg = dict(
         num_classes=1000,
@@ -238,6 +322,10 @@ def pretrained_cfg(
     )
     if spec:
         cfg.update(hf_hub_id=hub_repo_id(variant, tag), description=spec.description)
+    if variant in FAMILY_VARIANTS:
+        cfg.update(family_cfg(FAMILY_VARIANTS[variant].family))
+        if spec:
+            cfg.update(description=FAMILY_CHECKPOINTS[FAMILY_VARIANTS[variant].family].description)
     cfg.update(overrides)
     return cfg
 
@@ -245,7 +333,7 @@ def pretrained_cfg(
 def default_cfg_table() -> dict[str, dict[str, Any]]:
     """`arch.tag` → cfg for every official checkpoint, in default-first order per variant."""
     table: dict[str, dict[str, Any]] = {}
-    for variant in VARIANTS:
+    for variant in ALL_VARIANTS:
         for tag, spec in TAGS.items():
             if variant in spec.variants:
                 table[f'{variant}.{tag}'] = pretrained_cfg(variant, tag)

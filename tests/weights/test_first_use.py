@@ -763,7 +763,8 @@ def test_download_command_names_tag_and_all():
         ('effnet_v1_l2', 'ns_jft_in1k_475'),
         ('effnet_v1_b8', 'ap_in1k'),
     ]
-    assert len(select_names(all_=True)) == 9 + 9 + 1 + 3 + 8 + 6  # every official file (tensorflow/tpu README)
+    # every official file (tensorflow/tpu README), and Lite0-4, EdgeTPU-S/M/L, CondConv x3 (lite/, edgetpu/, condconv/)
+    assert len(select_names(all_=True)) == 9 + 9 + 1 + 3 + 8 + 6 + 5 + 3 + 3
     assert select_names(['effnet_v1_b0.aa_in1k', 'effnet_v1_b1'], tag='in1k') == [
         ('effnet_v1_b0', 'aa_in1k'),
         ('effnet_v1_b1', 'in1k'),
@@ -1302,8 +1303,12 @@ def test_download_list_prints_every_official_url(capsys):
 
     assert main(['download', '--list']) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 9 + 9 + 1 + 3 + 8 + 6
+    assert len(lines) == 9 + 9 + 1 + 3 + 8 + 6 + 5 + 3 + 3  # with Lite0-4, EdgeTPU-S/M/L, CondConv x3
     root = 'https://storage.googleapis.com/cloud-tpu-checkpoints/efficientnet'
+    assert ['effnet_v1_lite0.in1k', f'{root}/lite/efficientnet-lite0.tar.gz'] in [line.split() for line in lines]
+    assert ['effnet_v1_edgetpu_s.in1k', f'{root}/efficientnet-edgetpu-S.tar.gz'] in [line.split() for line in lines]
+    cc = ['effnet_v1_condconv_b0_8e_depth.in1k', f'{root}/condconv/efficientnet-condconv-b0-8e-depth.tar.gz']
+    assert cc in [line.split() for line in lines]
     assert lines[0].split() == [
         'effnet_v1_l2.ns_jft_in1k_475',
         f'{root}/noisystudent/noisy_student_efficientnet-l2_475.tar.gz',

@@ -27,14 +27,44 @@ EXPECTED_TAGS = {
     'ns_jft_in1k_475': ['l2'],
 }
 NATIVE = dict(b0=224, b1=240, b2=260, b3=300, b4=380, b5=456, b6=528, b7=600, b8=672, l2=800)
+B_SERIES = {f'effnet_v1_{v}' for v in NATIVE}
+# The other V1 families (lite/README.md, edgetpu/README.md, condconv/README.md): tag in1k, official path,
+# native size, resize of their main.py.
+FAMILY_CKPTS = {
+    'lite0': ('lite/efficientnet-lite0', 224, 'bilinear'),
+    'lite1': ('lite/efficientnet-lite1', 240, 'bilinear'),
+    'lite2': ('lite/efficientnet-lite2', 260, 'bilinear'),
+    'lite3': ('lite/efficientnet-lite3', 280, 'bilinear'),
+    'lite4': ('lite/efficientnet-lite4', 300, 'bilinear'),
+    'edgetpu_s': ('efficientnet-edgetpu-S', 224, 'bilinear'),
+    'edgetpu_m': ('efficientnet-edgetpu-M', 240, 'bilinear'),
+    'edgetpu_l': ('efficientnet-edgetpu-L', 300, 'bilinear'),
+    'condconv_b0_4e': ('condconv/efficientnet-condconv-b0-4e', 224, 'bicubic'),
+    'condconv_b0_8e': ('condconv/efficientnet-condconv-b0-8e', 224, 'bicubic'),
+    'condconv_b0_8e_depth': ('condconv/efficientnet-condconv-b0-8e-depth', 224, 'bicubic'),
+}
 
 
 def test_registered_tags_are_exactly_the_official_checkpoint_families():
     expected = sorted(f'effnet_v1_{v}.{tag}' for tag, vs in EXPECTED_TAGS.items() for v in vs)
-    assert sorted(timm.list_pretrained('effnet_v1*')) == expected
+    expected += [f'effnet_v1_{v}.in1k' for v in FAMILY_CKPTS]
+    assert sorted(timm.list_pretrained('effnet_v1*')) == sorted(expected)
 
 
-@pytest.mark.parametrize('name', sorted(timm.list_pretrained('effnet_v1*')))
+@pytest.mark.parametrize('variant', list(FAMILY_CKPTS))
+def test_family_tag_cfg_has_the_official_eval_preprocessing_and_path(variant):
+    from effnet_timm.weights.tags import OFFICIAL_CKPT_ROOT, official_url
+
+    path, size, resize = FAMILY_CKPTS[variant]
+    cfg = timm.models.get_pretrained_cfg(f'effnet_v1_{variant}.in1k').to_dict()
+    assert cfg['input_size'] == (3, size, size) and int(size / cfg['crop_pct']) == size + 32
+    assert cfg['interpolation'] == resize and cfg['crop_mode'] == 'center'
+    assert cfg['mean'] == pytest.approx((127 / 255,) * 3) and cfg['std'] == pytest.approx((128 / 255,) * 3)
+    assert cfg['num_classes'] == 1000 and cfg.get('label_offset') == (1 if 'edgetpu' in variant else None)
+    assert official_url(f'effnet_v1_{variant}', 'in1k') == f'{OFFICIAL_CKPT_ROOT}/{path}.tar.gz'
+
+
+@pytest.mark.parametrize('name', sorted(n for n in timm.list_pretrained('effnet_v1*') if n.split('.')[0] in B_SERIES))
 def test_tag_cfg_has_the_official_eval_preprocessing(name):
     cfg = timm.models.get_pretrained_cfg(name).to_dict()
     variant, tag = name.split('.')
@@ -178,5 +208,6 @@ def test_unavailable_hub_weights_fail_in_one_clear_line(tmp_path):
 
 
 def test_tag_table_matches_expected_families():
-    assert {tag: [v.rsplit('_', 1)[1] for v in spec.variants] for tag, spec in TAGS.items()} == EXPECTED_TAGS
+    expected = dict(EXPECTED_TAGS, in1k=EXPECTED_TAGS['in1k'] + list(FAMILY_CKPTS))
+    assert {tag: [v[len('effnet_v1_') :] for v in spec.variants] for tag, spec in TAGS.items()} == expected
     assert json.dumps(TAGS['ap_in1k'].mean) == '[0.5, 0.5, 0.5]'
