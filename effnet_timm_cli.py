@@ -117,6 +117,15 @@ PREDICT_EPILOG = (
 )
 
 
+def _resize_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        '--resize',
+        choices=('bicubic', 'bilinear'),
+        help="TF1 resize (default: the model's official one: bilinear for Lite/EdgeTPU as their main.py, else "
+        'bicubic; eval_ckpt_main.py resizes all bicubically)',
+    )
+
+
 def _predict_arguments(p: argparse.ArgumentParser) -> None:
     p.epilog = PREDICT_EPILOG
     p.add_argument(
@@ -142,6 +151,24 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
         help='centre crop: 32 px padding as behind the published accuracies (default), or the '
         "current official code's 0.875 fraction",
     )
+    _resize_argument(p)
+    p.add_argument(
+        '--crop-pct',
+        type=float,
+        metavar='F',
+        help="crop fraction as timm's: resize to floor(size / F), centre crop (instead of --crop)",
+    )
+    p.add_argument(
+        '--img-size',
+        type=positive_int,
+        metavar='N',
+        help="input size (default: the model's; published: its table size)",
+    )
+    p.add_argument(
+        '--pretrained',
+        action='store_true',
+        help="the --model tag's published weights (the default without --weights; accepted as timm's flag)",
+    )
     p.add_argument(
         '--compare-timm-preprocessing',
         action='store_true',
@@ -155,7 +182,7 @@ def _run_predict(args: argparse.Namespace) -> int:
 
     images = image_files(args.images)  # before the model is built: a mistyped path fails at once
     model = load_model(args.model, args.weights)
-    result = predict(model, images, args.topk, args.crop, args.compare_timm_preprocessing)
+    result = predict(model, images, args.topk, args.crop, args.compare_timm_preprocessing, args.resize)
     print(json.dumps(result, indent=2) if args.json else format_predictions(result))
     if result['failed']:
         print(
@@ -242,10 +269,13 @@ def _validate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         'data',
         type=Path,
+        nargs='?',
         metavar='DATA',
         help='ImageNet-val: a folder of synset folders (n01440764/...), a flat folder of '
         'ILSVRC2012_val_*.JPEG with its ground-truth file, or what --dataset names',
     )
+    # timm validate.py's spellings, which a timm user types by habit.
+    p.add_argument('--data-dir', type=Path, metavar='DATA', help='DATA, as timm validate.py spells it')
     p.add_argument('--model', help='effnet_v1_bN[.tag] (optional with weights made by effnet-convert: they record it)')
     p.add_argument(
         '--weights',
@@ -268,8 +298,9 @@ def _validate_arguments(p: argparse.ArgumentParser) -> None:
         'ILSVRC2012_validation_ground_truth.txt (with meta.mat beside it) or one synset per line '
         '(default: looked for in DATA and beside it)',
     )
-    p.add_argument('--batch-size', type=positive_int, default=64, metavar='N', help='per process (default 64)')
+    p.add_argument('-b', '--batch-size', type=positive_int, default=64, metavar='N', help='per process (default 64)')
     p.add_argument(
+        '-j',
         '--workers',
         type=int,
         default=4,
@@ -284,11 +315,29 @@ def _validate_arguments(p: argparse.ArgumentParser) -> None:
         "current official code's 0.875 fraction",
     )
     p.add_argument(
+        '--crop-pct',
+        type=float,
+        metavar='F',
+        help="crop fraction as timm's: resize to floor(size / F), centre crop (instead of --crop)",
+    )
+    p.add_argument(
+        '--img-size',
+        type=positive_int,
+        metavar='N',
+        help="input size (default: the model's; published: its table size)",
+    )
+    p.add_argument(
+        '--pretrained',
+        action='store_true',
+        help="the --model tag's published weights (the default without --weights; accepted as timm's flag)",
+    )
+    p.add_argument(
         '--preprocessing',
         choices=('tf', 'timm'),
         default='tf',
         help="the official TF pipeline (default) or timm's own eval transform, for comparison",
     )
+    _resize_argument(p)
     p.add_argument('--amp', choices=('bf16', 'fp16'), help='autocast the forward to this dtype')
     p.add_argument('--channels-last', action='store_true', help='channels_last memory format')
     p.add_argument('--fuse', action='store_true', help='fold BatchNorm into the convs (effnet_timm.fuse)')
@@ -319,14 +368,22 @@ def _run_validate(args: argparse.Namespace) -> int:
     check_output_path(args.results_file, ('.json', '.csv'), '--results-file')
     check_output_path(args.per_image, ('.csv',), '--per-image')
     from effnet_timm.commands.outputs import check_distinct
+    from effnet_timm.errors import InputError
 
     check_distinct({'--results-file': args.results_file, '--per-image': args.per_image})
-    if args.workers < 0:
-        from effnet_timm.errors import InputError
 
+    if args.workers < 0:
         raise InputError(f'--workers must be >= 0, got {args.workers}')
+    if (args.data is None) == (args.data_dir is None):
+        raise InputError(
+            'give DATA or --data-dir (one of them)' if args.data is None else 'give DATA or --data-dir, not both'
+        )
+    if args.pretrained and args.weights is not None:
+        raise InputError("--pretrained means the --model tag's published weights; --weights gives others: not both")
+    if args.crop_pct is not None and args.crop != 'padding32':
+        raise InputError('--crop and --crop-pct both choose the crop: give one')
     result = validate(
-        args.data,
+        args.data if args.data is not None else args.data_dir,
         args.model,
         args.weights,
         dataset=args.dataset,
@@ -334,6 +391,8 @@ def _run_validate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         workers=args.workers,
         crop=args.crop,
+        img_size=args.img_size,
+        crop_pct=args.crop_pct,
         preprocessing=args.preprocessing,
         amp=args.amp,
         channels_last=args.channels_last,
@@ -342,6 +401,7 @@ def _run_validate(args: argparse.Namespace) -> int:
         device=args.device,
         skip_bad=args.skip_bad,
         progress=not args.no_progress and sys.stderr.isatty(),  # a bar in a pipe or a log is noise
+        interpolation=args.resize,
     )
     if result is None:  # a torchrun rank other than 0: rank 0 reports
         return 0
@@ -376,15 +436,40 @@ def _download_arguments(p: argparse.ArgumentParser) -> None:
         help='no progress bar (there is none either when stderr is not a terminal)',
     )
     p.add_argument('--json', action='store_true', help='machine-readable output')
+    p.add_argument(
+        '--list',
+        action='store_true',
+        help='print MODEL.TAG and its official URL (every one when none is named): what a mirror must hold',
+    )
+    p.add_argument('--verify', action='store_true', help='hash the cached entries again instead of downloading')
+    p.add_argument(
+        '--record-pins',
+        nargs='?',
+        const='',
+        metavar='FILE',
+        help='maintainers: fetch the official tarballs and record their sha256 and size in FILE '
+        '(default: effnet_timm/weights/pins.json)',
+    )
 
 
 def _run_download(args: argparse.Namespace) -> int:
     from effnet_timm.commands.outputs import check_weights_cache
+    from effnet_timm.weights import prefetch as weights_prefetch
     from effnet_timm.weights.prefetch import format_rows, prefetch, rows_as_json, select_names
 
-    pairs = select_names(args.models, args.tag, args.all)
-    check_weights_cache(pairs)  # one line before any download, not one failed row per model
-    rows = prefetch(pairs, progress=False if args.no_progress else None)
+    everything = args.all or (args.list and not args.models and args.tag is None)
+    pairs = select_names(args.models, args.tag, everything)
+    progress = False if args.no_progress else None
+    if args.list:
+        print(weights_prefetch.list_official(pairs))
+        return 0
+    if args.verify:
+        rows = weights_prefetch.verify_cached(pairs)
+    elif args.record_pins is not None:
+        rows = weights_prefetch.record_pins(pairs, args.record_pins or None, progress)
+    else:
+        check_weights_cache(pairs)  # one line before any download, not one failed row per model
+        rows = prefetch(pairs, progress=progress)
     print(json.dumps(rows_as_json(rows), indent=2) if args.json else format_rows(rows))
     for row in rows:
         if row.error:

@@ -1,6 +1,7 @@
 """effnet_timm: the official TensorFlow EfficientNet (V1) models in timm's registry.
 
-Importing this package registers `effnet_v1_b0` … `effnet_v1_b8`, `effnet_v1_l2` and `effnet_v1`
+Importing this package registers `effnet_v1_b0` … `effnet_v1_b8`, `effnet_v1_l2`, `effnet_v1` and the other
+official V1 families (`effnet_v1_lite0` … `lite4`, `effnet_v1_edgetpu_{s,m,l}`, `effnet_v1_condconv_b0_*`)
 with timm, so `timm.create_model('effnet_v1_b0', ...)` works afterwards.
 
 Layout (one concern per folder; dependencies run downwards only):
@@ -13,12 +14,22 @@ Layout (one concern per folder; dependencies run downwards only):
 
 from .effnet_v1 import create_effnet_v1
 from .errors import InputError, PretrainedWeightsError
-from .models.config import VARIANTS, BlockConfig, block_table, round_filters, round_repeats
+from .models.config import (
+    ALL_VARIANTS,
+    FAMILY_VARIANTS,
+    VARIANTS,
+    BlockConfig,
+    block_table,
+    round_filters,
+    round_repeats,
+)
 from .models.efficientnet import EffNetV1
 from .models.fusion import fuse
 from .weights.tags import HUB_ORG, TAGS
 
 __all__ = [
+    'ALL_VARIANTS',
+    'FAMILY_VARIANTS',
     'HUB_ORG',
     'TAGS',
     'VARIANTS',

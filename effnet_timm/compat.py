@@ -19,8 +19,10 @@ __all__ = [
     'TESTED_VERSIONS',
     'SqueezeExcite',
     'convolution_pointwise',
+    'current_graph_task_id',
     'efficientnet_init_weights',
     'feature_take_indices',
+    'global_module_hooks_registered',
     'mkldnn_convolution_pointwise',
     'resolve_pretrained_source',
     'save_config_for_hf',
@@ -51,6 +53,11 @@ PRIVATE_APIS = (
     PrivateApi(
         'torch._C._autograd', '_saved_tensors_hooks_is_enabled', False, 'nesting under saved-tensor hooks (recompute)'
     ),
+    *(
+        PrivateApi('torch.nn.modules.module', f'_global_{kind}', True, 'in-place inference only without global hooks')
+        for kind in ('forward_hooks', 'forward_pre_hooks', 'backward_hooks', 'backward_pre_hooks')
+    ),
+    PrivateApi('torch._C', '_current_graph_task_id', False, 'whether a backward runs (checkpoint recomputation)'),
 )
 
 
@@ -100,6 +107,24 @@ def mkldnn_convolution_pointwise() -> Callable[..., torch.Tensor] | None:
 def convolution_pointwise(*args: Any) -> torch.Tensor:
     """`torch.ops.mkldnn._convolution_pointwise(*args)`, where `mkldnn_convolution_pointwise()` is not None."""
     return torch.ops.mkldnn._convolution_pointwise(*args)
+
+
+def current_graph_task_id() -> int | None:
+    """The id of the backward pass this thread runs (-1 outside one), or None when this torch cannot say."""
+    current = getattr(torch._C, '_current_graph_task_id', None)
+    return None if current is None else current()
+
+
+def global_module_hooks_registered() -> bool:
+    """Whether any global module hook is registered (`torch.nn.modules.module.register_module_forward_hook`...)."""
+    from torch.nn.modules import module
+
+    return bool(
+        module._global_forward_hooks
+        or module._global_forward_pre_hooks
+        or module._global_backward_hooks
+        or module._global_backward_pre_hooks
+    )
 
 
 def saved_tensors_hooks_outer_active() -> bool:

@@ -1,4 +1,6 @@
-"""timm registry entries: `effnet_v1_b0` … `effnet_v1_b8`, `effnet_v1_l2`, and the generic `effnet_v1`.
+"""timm registry entries: `effnet_v1_b0` … `effnet_v1_b8`, `effnet_v1_l2`, the generic `effnet_v1`, and the other
+official V1 families: `effnet_v1_lite0` … `lite4`, `effnet_v1_edgetpu_{s,m,l}`,
+`effnet_v1_condconv_b0_{4e,8e,8e_depth}`.
 
 timm names the registry module after this file (`effnet_v1`), so it must not share a name with a timm
 module, and it reads `default_cfgs` while the entrypoints are being decorated: keep it above them.
@@ -13,7 +15,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 
 from .compat import resolve_pretrained_source
 from .errors import PretrainedWeightsError, first_line
-from .models.config import VARIANTS
+from .models.config import ALL_VARIANTS
 from .models.efficientnet import EffNetV1
 from .weights.cache import resolve_pretrained_file
 from .weights.integrity import verify_folder
@@ -56,8 +58,9 @@ def _official_tag(variant: str, tag) -> bool:
 def create_effnet_v1(variant: str, pretrained: bool = False, **kwargs: Any) -> EffNetV1:
     """Build `variant` through timm's builder; a pretrained request that cannot be met fails in one line.
 
-    Registered tags without an explicit weight file resolve through `weights_cache.resolve_pretrained_file`:
-    our cache, the published Hub repo, then the official tarball (downloaded, converted and cached once).
+    Registered tags without an explicit weight file resolve through `weights.cache.resolve_pretrained_file`:
+    our cache, the Hub repo only where its TAGS row pins a commit and sha256, then the official tarball (checked
+    against its pin or X-Goog-Hash, converted and cached once).
     """
     if kwargs.get('features_only') and 'feature_cls' not in kwargs:
         kwargs['feature_cls'] = 'getter'  # uses forward_intermediates; respects out_indices
@@ -118,8 +121,10 @@ def _tags_of(variant: str) -> list:
 
 
 def _variant(variant: str, pretrained: bool, **kwargs: Any) -> EffNetV1:
-    spec = VARIANTS[variant]
+    spec = ALL_VARIANTS[variant]
     kwargs.setdefault('drop_rate', spec.dropout)
+    if spec.family != 'efficientnet':
+        kwargs.update(family=spec.family, num_experts=spec.num_experts)
     return create_effnet_v1(variant, pretrained, width_coefficient=spec.width, depth_coefficient=spec.depth, **kwargs)
 
 
@@ -177,3 +182,58 @@ def effnet_v1_b8(pretrained: bool = False, **kwargs: Any) -> EffNetV1:
 @register_model
 def effnet_v1_l2(pretrained: bool = False, **kwargs: Any) -> EffNetV1:
     return _variant('effnet_v1_l2', pretrained, **kwargs)
+
+
+@register_model
+def effnet_v1_lite0(pretrained: bool = False, **kwargs: Any) -> EffNetV1:
+    return _variant('effnet_v1_lite0', pretrained, **kwargs)
+
+
+@register_model
+def effnet_v1_lite1(pretrained: bool = False, **kwargs: Any) -> EffNetV1:
+    return _variant('effnet_v1_lite1', pretrained, **kwargs)
+
+
+@register_model
+def effnet_v1_lite2(pretrained: bool = False, **kwargs: Any) -> EffNetV1:
+    return _variant('effnet_v1_lite2', pretrained, **kwargs)
+
+
+@register_model
+def effnet_v1_lite3(pretrained: bool = False, **kwargs: Any) -> EffNetV1:
+    return _variant('effnet_v1_lite3', pretrained, **kwargs)
+
+
+@register_model
+def effnet_v1_lite4(pretrained: bool = False, **kwargs: Any) -> EffNetV1:
+    return _variant('effnet_v1_lite4', pretrained, **kwargs)
+
+
+@register_model
+def effnet_v1_edgetpu_s(pretrained: bool = False, **kwargs: Any) -> EffNetV1:
+    return _variant('effnet_v1_edgetpu_s', pretrained, **kwargs)
+
+
+@register_model
+def effnet_v1_edgetpu_m(pretrained: bool = False, **kwargs: Any) -> EffNetV1:
+    return _variant('effnet_v1_edgetpu_m', pretrained, **kwargs)
+
+
+@register_model
+def effnet_v1_edgetpu_l(pretrained: bool = False, **kwargs: Any) -> EffNetV1:
+    return _variant('effnet_v1_edgetpu_l', pretrained, **kwargs)
+
+
+@register_model
+def effnet_v1_condconv_b0_4e(pretrained: bool = False, **kwargs: Any) -> EffNetV1:
+    return _variant('effnet_v1_condconv_b0_4e', pretrained, **kwargs)
+
+
+@register_model
+def effnet_v1_condconv_b0_8e(pretrained: bool = False, **kwargs: Any) -> EffNetV1:
+    return _variant('effnet_v1_condconv_b0_8e', pretrained, **kwargs)
+
+
+@register_model
+def effnet_v1_condconv_b0_8e_depth(pretrained: bool = False, **kwargs: Any) -> EffNetV1:
+    return _variant('effnet_v1_condconv_b0_8e_depth', pretrained, **kwargs)

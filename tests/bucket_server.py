@@ -1,6 +1,7 @@
 """The official checkpoint bucket on 127.0.0.1 for tests: files served at their bucket paths with the headers
 Google Cloud Storage sends (Content-Length, ETag, Last-Modified, `X-Goog-Hash: crc32c=<b64>,md5=<b64>` of the whole
-object, also on ranged answers), `Range` / `If-Range` support, a request log and injectable faults.
+object, also on ranged answers), `Range` / `If-Range` support, a request log and injectable faults (including the
+ones of a hostile or careless mirror: no hash, a resumed answer from another object, a trickle that never ends).
 """
 
 from __future__ import annotations
@@ -21,10 +22,15 @@ LIFETIME_S = 600  # the server stops by itself even if a test forgets to
 class Fault:
     """What to do instead of a clean answer, for the next `times` GETs of a path (None: every one)."""
 
-    kind: str  # 'status' | 'truncate' | 'bad_hash' | 'stall'
+    # 'status' | 'truncate' | 'bad_hash' | 'stall' | 'no_hash' (no X-Goog-Hash) | 'trickle' (`after` bytes, then
+    # one byte every `interval` s while the connection lasts) | 'range_no_hash' (a 206 answer without X-Goog-Hash and
+    # with a flipped byte) | 'range_other' (a 206 answer with the bytes and X-Goog-Hash of another object);
+    # the 'range_*' kinds apply to (and are used up by) ranged requests only
+    kind: str
     status: int = 500
-    after: int = 0  # truncate/stall: bytes of the body sent first
+    after: int = 0  # truncate/stall/trickle: bytes of the body sent first
     times: int | None = None
+    interval: float = 0.05
 
 
 def goog_hash(data: bytes) -> str:
@@ -66,10 +72,10 @@ class BucketServer:
         with self._lock:
             return [r for r in self.requests if r.split()[:2] == ['GET', path]]
 
-    def fault_for(self, path: str) -> Fault | None:
+    def fault_for(self, path: str, ranged: bool = False) -> Fault | None:
         with self._lock:
             fault = self.faults.get(path)
-            if fault is None:
+            if fault is None or (fault.kind.startswith('range_') and not ranged):
                 return None
             if fault.times is not None:
                 fault.times -= 1
@@ -103,16 +109,22 @@ def _handler_for(bucket: BucketServer):
             data = bucket.files.get(path)
             if data is None:
                 return self._plain(404, b'<Error><Code>NoSuchKey</Code></Error>')
-            fault = bucket.fault_for(path) if send_body else None
-            if fault and fault.kind == 'status':
-                return self._plain(fault.status, b'<Error><Code>InternalError</Code></Error>')
             etag = f'"{hashlib.md5(data).hexdigest()}"'
             start = 0
             if range_header.startswith('bytes=') and self.headers.get('If-Range', etag) == etag:
                 start = int(range_header[len('bytes=') :].split('-')[0])
                 if start >= len(data):
                     return self._plain(416, b'<Error><Code>InvalidRange</Code></Error>')
+            fault = bucket.fault_for(path, ranged=bool(start)) if send_body else None
+            if fault and fault.kind == 'status':
+                return self._plain(fault.status, b'<Error><Code>InternalError</Code></Error>')
+            hashes = goog_hash(data)
+            if fault and fault.kind == 'range_other':
+                data = bytes(b ^ 0x55 for b in data)
+                hashes = goog_hash(data)
             body = data[start:]
+            if fault and fault.kind == 'range_no_hash':
+                body = bytes([body[0] ^ 1]) + body[1:]
             self.send_response(206 if start else 200)
             self.send_header('Content-Type', 'application/x-tar')
             self.send_header('Content-Length', str(len(body)))
@@ -121,15 +133,29 @@ def _handler_for(bucket: BucketServer):
             self.send_header('Accept-Ranges', 'bytes')
             self.send_header('ETag', etag)
             self.send_header('Last-Modified', 'Tue, 11 Feb 2020 18:00:00 GMT')
-            hashes = goog_hash(data) if not (fault and fault.kind == 'bad_hash') else goog_hash(data + b'x')
-            for item in hashes.split(','):  # GCS sends one X-Goog-Hash header per algorithm
-                self.send_header('X-Goog-Hash', item)
+            if fault and fault.kind == 'bad_hash':
+                hashes = goog_hash(data + b'x')
+            if not (fault and fault.kind in ('no_hash', 'range_no_hash')):
+                for item in hashes.split(','):  # GCS sends one X-Goog-Hash header per algorithm
+                    self.send_header('X-Goog-Hash', item)
             self.end_headers()
             if not send_body:
                 return
             if fault and fault.kind == 'truncate':
                 self.wfile.write(body[: fault.after])
                 self.wfile.flush()
+                self.close_connection = True
+                return
+            if fault and fault.kind == 'trickle':
+                self.wfile.write(body[: fault.after])
+                for i in range(fault.after, len(body)):
+                    if bucket.release.wait(fault.interval):
+                        break
+                    try:
+                        self.wfile.write(body[i : i + 1])
+                        self.wfile.flush()
+                    except OSError:
+                        break
                 self.close_connection = True
                 return
             if fault and fault.kind == 'stall':

@@ -83,7 +83,7 @@ def converted_b0(tmp_path_factory) -> Path:
     from effnet_convert.converter import convert
 
     folder = tmp_path_factory.mktemp('converted_b0') / 'b0'
-    convert(str(shared_path('efficientnet-b0')), folder)
+    convert(str(shared_path('efficientnet-b0')), folder, tag='none')
     return folder
 
 

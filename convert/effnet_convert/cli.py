@@ -7,6 +7,7 @@ Arguments are parsed before anything heavy is imported (torch, timm, effnet_timm
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,8 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument('--variant', help='expected architecture, e.g. effnet_v1_b0 (checked against the tensors)')
     parser.add_argument(
         '--tag',
-        help='checkpoint family: in1k, aa_in1k, ra_in1k, ap_in1k, ns_jft_in1k, '
-        'ns_jft_in1k_475 (guessed from an official file name when omitted)',
+        help='checkpoint family: in1k, aa_in1k, ra_in1k, ap_in1k, ns_jft_in1k, ns_jft_in1k_475; when omitted, taken '
+        'from an official location (.../<family folder>/<official file name>) or a pinned sha256, never guessed: a '
+        "checkpoint whose families differ in mean/std is refused. 'none': no family (ImageNet mean/std written, "
+        'choose the preprocessing when loading)',
     )
     parser.add_argument(
         '--no-ema',
@@ -203,7 +206,29 @@ def _push(argv: list[str]) -> int:
     )
     rev = '' if result.revision == 'main' else f'@{result.revision}'
     print(f"load with: import effnet_timm, timm; timm.create_model('hf-hub:{result.repo_id}{rev}', pretrained=True)")
+    pin = _pin_line(args.folder, result.repo_id, result.commit)
+    if pin:
+        print(pin)
     return 0
+
+
+def _pin_line(folder: Path, repo_id: str, commit: str) -> str | None:
+    """The TAGS pin that makes a publish to the registered repo the default source of its tag (none is taken
+    from the Hub unpinned), or None for another repo."""
+    from effnet_timm.weights.tags import hub_repo_id
+
+    try:
+        config = json.loads((Path(folder) / 'config.json').read_text(encoding='utf-8'))
+        variant, tag = config['architecture'], config['pretrained_cfg'].get('tag')
+        sha256 = config['effnet_timm']['files']['model.safetensors']['sha256']
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if not tag or repo_id != hub_repo_id(variant, tag):
+        return None
+    return (
+        f"pin: to load {variant}.{tag} from this commit by default, add to TAGS['{tag}'].hub_pins in "
+        f"effnet_timm/weights/tags.py: '{variant}': HubPin('{commit}', '{sha256}')"
+    )
 
 
 def _family_parser() -> argparse.ArgumentParser:

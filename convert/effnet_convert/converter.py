@@ -10,8 +10,6 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,20 +20,24 @@ from safetensors.torch import save_file
 
 import effnet_timm  # noqa: F401  (registers the architectures with timm)
 from effnet_timm.files import new_file_mode
-from effnet_timm.weights.integrity import file_digests
-from effnet_timm.weights.tags import TAGS, official_url, pretrained_cfg
+from effnet_timm.models.config import ALL_VARIANTS
+from effnet_timm.weights.integrity import file_digests, sha256_file
+from effnet_timm.weights.tags import (
+    TAGS,
+    family_cfg,
+    official_url,
+    pretrained_cfg,
+    tag_of_official_path,
+    tag_of_sha256,
+)
 
-from .errors import CheckpointError
-from .mapping import EMA_SUFFIX, RMSPROP_SUFFIXES, Architecture, detect_architecture, official_layout, to_torch_layout
-from .sources import ResolvedSource, resolve_source, sha256_file
+from .errors import CheckpointError, OutputError
+from .mapping import EMA_SUFFIX, RMSPROP_SUFFIXES, Architecture, detect_architecture, to_torch_layout
+from .sources import ResolvedSource, resolve_source
 from .tf_bundle import TensorBundle
 
-try:
-    import fcntl
-except ImportError:  # Windows: no advisory locks; the final rename alone still refuses a non-empty target
-    fcntl = None
-
 CONVERTER_VERSION = effnet_timm.__version__
+NO_TAG = 'none'  # tag=NO_TAG: convert without a checkpoint family (ImageNet mean/std written, no tag recorded)
 MAX_IMAGE_SIZE = 4096  # beyond any official eval size (L2: 800) by 5x; larger is a typo, not a config
 
 
@@ -91,8 +93,8 @@ def read_weights(
     if tag is not None:
         check_tag(tag, arch.variant)
     global_step = bundle.global_step  # checked (an int64 scalar) before the long read
-    slots = official_layout(arch.width, arch.depth, arch.num_classes, arch.bn)
-    names = {slot: f'{arch.scope}/{slot.tf_name}' for slot in slots}
+    slots = arch.layout()
+    names = {slot: arch.tf_name(slot) for slot in slots}
     ema_used = ema and _use_ema(names.values(), shapes, bundle, allow_partial_ema)
 
     state: dict[str, torch.Tensor] = {}
@@ -105,7 +107,7 @@ def read_weights(
         if ema_used and source == name:
             raw_fallback.append(name)
         value = _read_variable(bundle, source, slot.tf_shape)
-        state[slot.key] = torch.from_numpy(to_torch_layout(value, slot.layout))
+        state[slot.key] = torch.from_numpy(to_torch_layout(value, slot.layout, slot.expert_shape))
         if keep_official:  # a second copy of the weights: only --verify needs it
             official[name] = value
         used.add(source)
@@ -191,13 +193,17 @@ def build_model(arch: Architecture, tag: str | None = None, image_size: int | No
 def _pretrained_cfg(arch: Architecture, tag: str | None, image_size: int | None) -> dict[str, object]:
     if tag is not None:
         check_tag(tag, arch.variant)
-    cfg = pretrained_cfg(arch.variant, tag, image_size, architecture=arch.variant, num_classes=arch.num_classes)
+    overrides = {**family_cfg(arch.family), 'architecture': arch.variant, 'num_classes': arch.num_classes}
+    overrides.pop('label_offset', None)  # the converted file keeps every official logit (see _label_offset)
+    cfg = pretrained_cfg(arch.variant, tag, image_size, **overrides)
     cfg.pop('hf_hub_id', None)  # the converted folder is the weight source, not the Hub
     return cfg
 
 
 def check_tag(tag: str, variant: str | None = None) -> None:
-    """`tag` names a checkpoint family (that has `variant`, when given), or CheckpointError."""
+    """`tag` names a checkpoint family (that has `variant`, when given) or is NO_TAG, or CheckpointError."""
+    if tag == NO_TAG:
+        return
     if tag not in TAGS:
         raise CheckpointError(f"unknown tag '{tag}' (known: {', '.join(TAGS)})")
     if variant is not None and variant not in TAGS[tag].variants:
@@ -213,14 +219,24 @@ def check_image_size(image_size: int | None) -> None:
         raise CheckpointError(f'image size {image_size!r}: expected a whole number of pixels, 1 to {MAX_IMAGE_SIZE}')
 
 
-def guess_tag(origin: str) -> str | None:
-    """The checkpoint family an official tarball's name or URL reveals, if any."""
-    text = origin.lower().replace('-', '_')
-    if 'noisy_student' in text:
-        return 'ns_jft_in1k_475' if '_475' in text else 'ns_jft_in1k'
-    for marker, tag in (('randaug', 'ra_in1k'), ('advprop', 'ap_in1k'), ('ckptsaug', 'aa_in1k'), ('/ckpts/', 'in1k')):
-        if marker in text:
-            return tag
+def tag_of_source(resolved: ResolvedSource, variant: str) -> str | None:
+    """The checkpoint family of `resolved`, never guessed from free text: its official location
+    (`.../<family folder>/<official file name>`, as in TAGS) or its pinned sha256; None when neither tells.
+
+    Raises CheckpointError (asking for --tag) when neither tells and `variant`'s families differ in mean/std:
+    the wrong one would give silently wrong accuracy that --verify cannot see."""
+    tag = tag_of_official_path(resolved.origin, variant)
+    if tag is None and resolved.archive_sha256:
+        tag = tag_of_sha256(resolved.archive_sha256, variant)
+    if tag is not None:
+        return tag
+    families = [t for t, spec in TAGS.items() if variant in spec.variants]
+    if len({(TAGS[t].mean, TAGS[t].std) for t in families}) > 1:
+        raise CheckpointError(
+            f'{resolved.origin}: which {variant} checkpoint family is this? Its path is not an official one and '
+            f'its sha256 is not pinned, and the families differ in input normalization: pass --tag '
+            f'({", ".join(families)}, or {NO_TAG})'
+        )
     return None
 
 
@@ -297,16 +313,16 @@ def _convert_into(
     overwrite: bool,
     progress: bool,
 ) -> ConversionResult:
-    resolved = resolve_source(source, work / 'source', sha256)
+    resolved = resolve_source(source, work / 'source', sha256, max_unpacked=_unpack_cap(variant))
     with TensorBundle(resolved.prefix) as bundle:
         weights = read_weights(bundle, variant, ema, allow_partial_ema, progress, keep_official=verify, tag=tag)
     notes = []
     if tag is None:
-        tag = guess_tag(resolved.origin)
-        if tag is not None and weights.architecture.variant not in TAGS[tag].variants:
-            tag = None
+        tag = tag_of_source(resolved, weights.architecture.variant)
+    elif tag == NO_TAG:
+        tag = None
     if tag is None:
-        notes.append('no --tag: ImageNet mean/std assumed (AdvProp checkpoints need --tag ap_in1k)')
+        notes.append('no checkpoint family: ImageNet mean/std written (choose the preprocessing when loading)')
     if weights.raw_fallback:
         notes.append(
             f'--allow-partial-ema: {len(weights.raw_fallback)} variables have no EMA shadow and use raw '
@@ -340,18 +356,42 @@ def _convert_into(
     return result
 
 
+def _label_offset(config_path: Path, arch: Architecture) -> None:
+    """EdgeTPU: the file keeps the official 1001 logits (0: background); the config asks timm for a 1000-class
+    model and `label_offset` 1 (timm's convention: loading drops the first row), so logits are ImageNet's."""
+    offset = family_cfg(arch.family).get('label_offset', 0)
+    if not offset or arch.num_classes != 1000 + offset:
+        return
+    config = json.loads(config_path.read_text())
+    config['num_classes'] = config['model_args']['num_classes'] = config['pretrained_cfg']['num_classes'] = 1000
+    config['pretrained_cfg']['label_offset'] = offset
+    config_path.write_text(json.dumps(config, indent=4))
+
+
+def _unpack_cap(variant: str | None) -> int | None:
+    """Bytes of checkpoint files an official `variant` can need: 4-byte values of every tensor, four times over
+    (raw, EMA shadow, two RMSProp slots), plus room for the index. None when no variant is expected."""
+    if variant not in ALL_VARIANTS:
+        return None
+    import timm
+
+    with torch.device('meta'):
+        numel = sum(t.numel() for t in timm.create_model(variant).state_dict().values())
+    return numel * 4 * 4 + (16 << 20)
+
+
 def _output_call(out_dir: Path, write):
     """Run an output step; an OS error (read-only, full disk, a file in the way) becomes one line."""
     try:
         return write()
     except OSError as err:
         where = err.filename or out_dir
-        raise CheckpointError(
+        raise OutputError(
             f'{out_dir}: cannot write the output ({where}: '
             f'{err.strerror or errno.errorcode.get(err.errno or 0, str(err))})'
         ) from None
-    except SafetensorError as err:  # safetensors reports its own I/O errors (a full disk) this way
-        raise CheckpointError(f'{out_dir}: cannot write the output ({" ".join(str(err).split())})') from None
+    except SafetensorError as err:  # safetensors reports its own I/O errors (a full disk, a size limit) this way
+        raise OutputError(f'{out_dir}: cannot write the output ({" ".join(str(err).split())})') from None
 
 
 def _make_parents(parent: Path) -> list[Path]:
@@ -373,7 +413,7 @@ def _make_parents(parent: Path) -> list[Path]:
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(parent))
     except OSError as err:
         _remove_created(created)
-        raise CheckpointError(
+        raise OutputError(
             f'{parent}: cannot create the output folder here ({err.filename or parent}: {err.strerror or err})'
         ) from None
     return created
@@ -415,9 +455,8 @@ def _remove_stale_temps(out_dir: Path) -> None:
             replaced = stale / _REPLACED
             if os.path.lexists(replaced):
                 try:
-                    with _parent_lock(out_dir):
-                        if not os.path.lexists(out_dir):
-                            os.rename(replaced, out_dir)
+                    if not os.path.lexists(out_dir):
+                        os.rename(replaced, out_dir)  # refused, not merged, if another run put one there meanwhile
                 except OSError:
                     continue  # leave it all for a person to look at rather than delete the only copy
             shutil.rmtree(stale, ignore_errors=True)
@@ -435,39 +474,32 @@ def _alive(pid: int) -> bool:
     return True
 
 
-@contextmanager
-def _parent_lock(out_dir: Path) -> Iterator[None]:
-    """An exclusive lock on `out_dir`'s parent folder (no lock file to leave behind); released when the
-    descriptor closes, also when the process is killed."""
-    if fcntl is None:  # no flock (Windows), and directories cannot be opened there: the renames alone
-        yield
-        return
-    fd = os.open(out_dir.parent, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
 def _move_into_place(staging: Path, out_dir: Path, work: Path, overwrite: bool) -> None:
-    """Rename the finished folder to `out_dir`; concurrent conversions to one folder take turns here."""
-    with _parent_lock(out_dir):
-        if os.path.lexists(out_dir):
-            if not overwrite:
-                raise CheckpointError(
-                    f'{out_dir}: was created by another process while converting; left as it '
-                    f'is (pass --overwrite to replace it)'
-                )
-            old = work / _REPLACED
-            os.rename(out_dir, old)  # moved aside, not deleted, until the new folder is in place
-            try:
-                os.rename(staging, out_dir)
-            except OSError:
-                os.rename(old, out_dir)
-                raise
-        else:
+    """Rename the finished folder to `out_dir`. No lock (a directory lock fails on NFS): a rename onto a folder
+    that is not empty fails atomically, so of concurrent conversions to one folder exactly one wins."""
+    if os.path.lexists(out_dir):
+        if not overwrite:
+            raise _taken(out_dir)
+        old = work / _REPLACED
+        os.rename(out_dir, old)  # moved aside, not deleted, until the new folder is in place
+        try:
             os.rename(staging, out_dir)
+        except OSError:
+            os.rename(old, out_dir)
+            raise
+    else:
+        try:
+            os.rename(staging, out_dir)
+        except OSError as err:
+            if err.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise _taken(out_dir) from None
+            raise
+
+
+def _taken(out_dir: Path) -> CheckpointError:
+    return CheckpointError(
+        f'{out_dir}: was created by another process while converting; left as it is (pass --overwrite to replace it)'
+    )
 
 
 def _source_files(resolved: ResolvedSource) -> list[dict[str, str]]:
@@ -492,6 +524,7 @@ def _write_folder(
         'ema': weights.ema_label,
         **({'ema_raw_fallback': json.dumps(weights.raw_fallback)} if weights.raw_fallback else {}),
         'tf_scope': arch.scope,
+        **({'family': arch.family, 'num_experts': str(arch.num_experts)} if arch.family != 'efficientnet' else {}),
         'global_step': '' if weights.global_step is None else str(weights.global_step),
         'source': _public_source(resolved.origin),
         'source_files': json.dumps(result.sources),
@@ -501,6 +534,7 @@ def _write_folder(
     save_file(state, str(folder / 'model.safetensors'), metadata=metadata)
     os.chmod(folder / 'model.safetensors', new_file_mode(folder))  # safetensors creates it private
     save_config_for_hf(model, str(folder / 'config.json'), model_args=arch.model_args)
+    _label_offset(folder / 'config.json', arch)
     _add_provenance(folder / 'config.json', metadata, result, file_digests(folder))
     from .model_card import model_card
 

@@ -1,9 +1,8 @@
-"""The one error type the converter raises for bad input checkpoints and sources."""
+"""The error types the converter raises for bad input checkpoints and sources, and for outputs it cannot write.
 
-from effnet_timm.errors import InputError
+Defined in effnet_timm.errors (the runtime tells them apart without importing the converter); named here too.
+"""
 
+from effnet_timm.errors import CheckpointError, OutputError
 
-class CheckpointError(InputError):
-    """A checkpoint, source or output that cannot be used; the message is one line naming the file and the item.
-
-    An `InputError`, so every front end reports it as a user error (one line, exit status 2)."""
+__all__ = ['CheckpointError', 'OutputError']

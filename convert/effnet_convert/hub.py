@@ -7,7 +7,6 @@ huggingface_hub finds (HF_TOKEN, `hf auth login`); it is never printed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import sys
@@ -24,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from effnet_timm.errors import first_line
-from effnet_timm.weights.integrity import verify_folder
+from effnet_timm.weights.integrity import digest_file, verify_folder
 from effnet_timm.weights.tags import HUB_ORG, TAGS, hub_repo_id, official_url
 
 from .converter import CONVERTER_VERSION, convert
@@ -46,7 +45,6 @@ HUB_FILES = ('model.safetensors', 'config.json', 'README.md')
 DEFAULT_BRANCH = 'main'
 _PREPROCESSING = ('input_size', 'crop_pct', 'crop_mode', 'interpolation', 'mean', 'std')
 _SHA256 = re.compile(r'[0-9a-f]{64}')
-_CHUNK = 1 << 20
 
 
 class HubError(Exception):
@@ -245,12 +243,8 @@ def _remote_holds(api: HfApi, repo_id: str, branch: str, path: Path) -> bool:
 
 def _digests(file: Path) -> tuple[str, str]:
     """sha256 and git blob id of a file, in one read."""
-    sha256, blob = hashlib.sha256(), hashlib.sha1(b'blob %d\0' % file.stat().st_size)
-    with open(file, 'rb') as f:
-        while chunk := f.read(_CHUNK):
-            sha256.update(chunk)
-            blob.update(chunk)
-    return sha256.hexdigest(), blob.hexdigest()
+    found = digest_file(file, ('sha256', 'git_blob'))
+    return found['sha256'], found['git_blob']
 
 
 def _commit_message(converted: ConvertedFolder) -> tuple[str, str]:

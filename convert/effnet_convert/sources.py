@@ -2,39 +2,33 @@
 
 from __future__ import annotations
 
-import hashlib
-import http.client
+import errno
 import os
 import re
 import shutil
 import tarfile
 import tempfile
-import urllib.error
 import urllib.parse
-import urllib.request
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import NoReturn
 
-from tqdm import tqdm
-
 from effnet_timm.weights.integrity import sha256_file
 
-from .errors import CheckpointError
+from .errors import CheckpointError, OutputError
 from .tf_bundle import TensorBundle, declared_data_size
 
 _TAR_SUFFIXES = ('.tar.gz', '.tgz', '.tar')
 _CHECKPOINT_PATH = re.compile(r'^\s*model_checkpoint_path\s*:\s*"([^"]*)"', re.MULTILINE)
 _DATA_SHARD_SUFFIX = re.compile(r'\.data-\d{5}-of-\d{5}$')
-_CHUNK = 1 << 20
-_DOWNLOAD_TIMEOUT_S = 60
 _INDEX_MEMBER_LIMIT = 64 << 20  # an L2 index is well under 1 MiB
 # Shards hold exactly the declared bytes; the factor and slack only absorb the checkpoint text file and
 # directories, while a member of zeros claiming to be a shard cannot fill the disk.
 _EXPANSION_FACTOR = 2
 _EXPANSION_SLACK = 1 << 20
+_OUTPUT_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 @dataclass
@@ -48,19 +42,23 @@ class ResolvedSource:
     archive_sha256: str | None = None  # of the tarball, for provenance; None for unpacked sources
 
 
-def resolve_source(source: str, workdir: Path, expected_sha256: str | None = None) -> ResolvedSource:
+def resolve_source(
+    source: str, workdir: Path, expected_sha256: str | None = None, max_unpacked: int | None = None
+) -> ResolvedSource:
     """Find the checkpoint ``source`` names; archives are unpacked (URLs downloaded first) into ``workdir``.
 
     ``expected_sha256`` is checked against the archive; it is an error for a source that is not an archive.
+    ``max_unpacked``: bytes of checkpoint files an archive may unpack to at most, whatever its own index declares
+    (the converter passes what the expected variant can hold).
     """
     if source.startswith(('http://', 'https://')):
         archive, digest = download(source, workdir, expected_sha256)
-        return _from_archive(archive, workdir, source, 'url', digest)
+        return _from_archive(archive, workdir, source, 'url', digest, max_unpacked)
     path = Path(source).expanduser()
     if path.is_file() and path.name.lower().endswith(_TAR_SUFFIXES):
         digest = sha256_file(path)
         _check_sha256(str(path), expected_sha256, digest)
-        return _from_archive(path, workdir, source, 'archive', digest)
+        return _from_archive(path, workdir, source, 'archive', digest, max_unpacked)
     if expected_sha256:
         raise CheckpointError(f'{source}: a sha256 can only be checked for a tarball or URL')
     if path.is_dir():
@@ -69,53 +67,22 @@ def resolve_source(source: str, workdir: Path, expected_sha256: str | None = Non
 
 
 def download(url: str, workdir: Path, expected_sha256: str | None = None) -> tuple[Path, str]:
-    """Download a tarball into ``workdir``; returns (path, sha256). Only a complete, verified file is kept."""
+    """Download a tarball into ``workdir``; returns (path, sha256). Only a complete, verified file is kept.
+
+    The one downloader of the project (`effnet_timm.weights.download`): retried and resumed within the call,
+    bounded in time, checked against ``expected_sha256`` and the `X-Goog-Hash` the bucket sends."""
+    from effnet_timm.errors import first_line
+    from effnet_timm.weights.download import DownloadError
+    from effnet_timm.weights.download import download as fetch
+
     name = PurePosixPath(urllib.parse.urlparse(url).path).name
     if not name.lower().endswith(_TAR_SUFFIXES):
         raise CheckpointError(f'{url}: only .tar.gz, .tgz or .tar archives can be downloaded')
-    workdir.mkdir(parents=True, exist_ok=True)
-    target = workdir / name
-    part = workdir / f'{name}.part'
     try:
-        digest = _fetch(url, part)
-        _check_sha256(url, expected_sha256, digest)
-        os.replace(part, target)
-    finally:
-        part.unlink(missing_ok=True)
-    return target, digest
-
-
-def _fetch(url: str, part: Path) -> str:
-    """Stream ``url`` into ``part``, hashing on the way; any failure becomes one 'cannot download' line."""
-    digest = hashlib.sha256()
-    expected: int | None = None
-    received = 0
-    try:
-        with urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as response, open(part, 'wb') as out:
-            expected = response.length
-            # disable=None: the bar shows only when stderr is a terminal.
-            with tqdm(
-                total=expected, unit='B', unit_scale=True, unit_divisor=1024, desc=part.stem, disable=None
-            ) as bar:
-                while chunk := response.read(_CHUNK):
-                    out.write(chunk)
-                    digest.update(chunk)
-                    received += len(chunk)
-                    bar.update(len(chunk))
-    except urllib.error.HTTPError as exc:
-        raise _download_error(url, f'HTTP {exc.code} {exc.reason}') from None
-    except urllib.error.URLError as exc:
-        raise _download_error(url, str(exc.reason)) from None
-    except (OSError, http.client.HTTPException) as exc:
-        raise _download_error(url, str(exc) or type(exc).__name__) from None
-    # http.client ends a short body silently when the server closes early.
-    if expected is not None and received != expected:
-        raise _download_error(url, f'connection closed after {received} of {expected} bytes')
-    return digest.hexdigest()
-
-
-def _download_error(url: str, reason: str) -> CheckpointError:
-    return CheckpointError(f'cannot download {url}: {" ".join(reason.split())}')
+        got = fetch(url, workdir / name, desc=name, sha256=expected_sha256, keep_partial=False)
+    except DownloadError as err:
+        raise CheckpointError(first_line(err)) from None
+    return got.path, got.sha256
 
 
 def _check_sha256(label: str, expected: str | None, found: str) -> None:
@@ -181,8 +148,10 @@ def _is_within(path: str, root: str) -> bool:
     return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
 
 
-def _from_archive(archive: Path, workdir: Path, origin: str, kind: str, digest: str) -> ResolvedSource:
-    root = _extract(archive, workdir)
+def _from_archive(
+    archive: Path, workdir: Path, origin: str, kind: str, digest: str, max_unpacked: int | None = None
+) -> ResolvedSource:
+    root = _extract(archive, workdir, max_unpacked)
     # The official tars disagree on their inner folder names, so look for the checkpoint wherever it is.
     folders = sorted({index.parent for index in root.rglob('*.index')})
     if not folders:
@@ -199,7 +168,7 @@ def _from_archive(archive: Path, workdir: Path, origin: str, kind: str, digest: 
     return resolved
 
 
-def _extract(archive: Path, workdir: Path) -> Path:
+def _extract(archive: Path, workdir: Path, max_unpacked: int | None = None) -> Path:
     """Unpack the checkpoint files into a new folder under ``workdir``, removed again if anything fails.
 
     Only what a checkpoint consists of is written (``checkpoint``, ``*.index``, data shards; not the
@@ -212,14 +181,19 @@ def _extract(archive: Path, workdir: Path) -> Path:
             members, indexes = _scan(tar, archive)
             _check_members(members, archive)
             wanted = [m for m in members if _is_checkpoint_member(m)]
-            _check_expansion(members, wanted, indexes, archive)
+            _check_expansion(members, wanted, indexes, archive, max_unpacked)
             # tarfile's own 'data' filter (Python >= 3.10.12 / 3.11.4) also resolves real paths while
             # extracting; older Pythons rely on _check_members alone.
             if hasattr(tarfile, 'data_filter'):
                 tar.extractall(dest, wanted, filter='data')
             else:
                 tar.extractall(dest, wanted)
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+    except OSError as exc:
+        shutil.rmtree(dest, ignore_errors=True)
+        if exc.errno in _OUTPUT_ERRNOS:  # the disk or a limit, not the archive: the caller may keep the archive
+            raise OutputError(f'{archive}: cannot unpack into {workdir} ({exc.strerror or _one_line(exc)})') from None
+        raise CheckpointError(f'{archive}: cannot unpack ({_one_line(exc)})') from None
+    except (tarfile.TarError, EOFError, zlib.error) as exc:
         shutil.rmtree(dest, ignore_errors=True)
         raise CheckpointError(f'{archive}: cannot unpack ({_one_line(exc)})') from None
     except BaseException:
@@ -272,7 +246,11 @@ def _scan(tar: tarfile.TarFile, archive: Path) -> tuple[list[tarfile.TarInfo], d
 
 
 def _check_expansion(
-    members: list[tarfile.TarInfo], wanted: list[tarfile.TarInfo], indexes: dict[str, bytes], archive: Path
+    members: list[tarfile.TarInfo],
+    wanted: list[tarfile.TarInfo],
+    indexes: dict[str, bytes],
+    archive: Path,
+    max_unpacked: int | None = None,
 ) -> None:
     """Refuse, before writing anything, an archive that would unpack to far more than its checkpoint needs.
 
@@ -289,6 +267,11 @@ def _check_expansion(
         elif member.isreg():
             total += member.size
     limit = _EXPANSION_FACTOR * declared + index_bytes + _EXPANSION_SLACK
+    if max_unpacked is not None and total > max_unpacked:  # what the archive declares is no bound on itself
+        raise CheckpointError(
+            f'{archive}: would unpack {total} bytes of checkpoint files, more than the {max_unpacked} that the '
+            f'expected variant can hold (raw, EMA and optimizer slots)'
+        )
     if total > limit:
         raise CheckpointError(
             f'{archive}: would unpack {total} bytes of checkpoint files, more than {limit} '

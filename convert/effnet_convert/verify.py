@@ -37,6 +37,11 @@ def verify_against_tensorflow(
     from .tf_reference import tf_graph_logits
 
     arch = weights.architecture
+    if arch.family != 'efficientnet':
+        raise CheckpointError(
+            f'--verify: the TensorFlow reference graph is the B-series one; {arch.family} checkpoints are checked '
+            f'against the official fixtures in the tests instead; nothing was verified'
+        )
     paths = list(images or SAMPLES)
     batch = preprocess_batch([str(p) for p in paths], timm.data.resolve_data_config({}, model=model))
     with torch.inference_mode():

@@ -181,11 +181,22 @@ def _weights_cfg(arch: str, tag: str, config: dict[str, Any] | None, file: Path,
     return cfg
 
 
+def _apply_label_offset(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """timm's `label_offset` convention (as its `load_pretrained`): the file has `offset` leading classes the
+    model does not (EdgeTPU's background logit), which are dropped."""
+    offset = (getattr(model, 'pretrained_cfg', None) or {}).get('label_offset') or 0
+    weight = state.get('classifier.weight')
+    if offset and weight is not None and weight.shape[0] == model.num_classes + offset:
+        state = dict(state, **{k: state[k][offset:] for k in ('classifier.weight', 'classifier.bias')})
+    return state
+
+
 def _load_weights(model: torch.nn.Module, file: Path, arch: str) -> None:
     try:
         state = load_file(str(file))
     except (SafetensorError, OSError, ValueError) as err:
         raise InputError(f'{file}: unreadable: {first_line(err)}') from None
+    state = _apply_label_offset(state, model)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith('num_batches_tracked')}
     found = {k: tuple(v.shape) for k, v in state.items() if not k.endswith('num_batches_tracked')}
     problems = [f'{k} missing' for k in expected if k not in found]

@@ -43,6 +43,7 @@ ImageItem = Path | tuple[str, bytes]
 MEAN_STD_NAMES = {
     ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)): 'imagenet',
     ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)): 'inception',
+    ((0.498, 0.498, 0.498), (0.502, 0.502, 0.502)): '127/128',  # Lite, EdgeTPU, CondConv
 }
 
 
@@ -72,12 +73,13 @@ def image_files(paths: Sequence[Path]) -> list[Path]:
 # ----------------------------------------------------------------------------- predict
 
 
-def tf_eval_transform(data_config: dict[str, Any], crop: str) -> TfEvalTransform:
+def tf_eval_transform(data_config: dict[str, Any], crop: str, interpolation: str | None = None) -> TfEvalTransform:
     """The official eval transform for a timm data config, with `crop` the user's explicit choice."""
     with warnings.catch_warnings():
         # The crop is the user's explicit choice and the output (or report) states it; a config mismatch is expected.
         warnings.filterwarnings('ignore', message=r'crop=.* crops with crop_padding')
-        return create_tf_transform(data_config, crop=crop)
+        # interpolation None: the model's own (TF1 bicubic; bilinear for Lite/EdgeTPU, as their main.py).
+        return create_tf_transform(data_config, crop=crop, interpolation=interpolation)
 
 
 def timm_aligned_config(data_config: dict[str, Any], transform: TfEvalTransform) -> dict[str, Any]:
@@ -158,12 +160,13 @@ def predict(
     topk: int = 5,
     crop: str = 'padding32',
     compare_timm: bool = False,
+    interpolation: str | None = None,
 ) -> dict[str, Any]:
     """Top-k of each image (a path, or ``(name, encoded bytes)``) under the official preprocessing
     (optionally also timm's). An image that cannot be read or decoded gets an ``error`` entry instead of
     ``top``, and the others are still classified; ``failed`` counts those entries."""
     data_config = resolve_data_config({}, model=model)
-    tf_transform = tf_eval_transform(data_config, crop)
+    tf_transform = tf_eval_transform(data_config, crop, interpolation)
     if compare_timm:  # timm's transform with the same crop, so that the comparison shows resize and decoder
         data_config = timm_aligned_config(data_config, tf_transform)
     timm_transform = create_transform(**data_config) if compare_timm else None
@@ -207,6 +210,7 @@ def _preprocessing_summary(transform: TfEvalTransform, crop: str, data_config: d
         crop_pct=transform.crop_pct,
         mean=list(transform.mean),
         std=list(transform.std),
+        interpolation=transform.interpolation,
         jpeg_decoder='simplejpeg',
         timm_crop_pct=data_config['crop_pct'],
     )
@@ -214,10 +218,11 @@ def _preprocessing_summary(transform: TfEvalTransform, crop: str, data_config: d
 
 def format_predictions(result: dict[str, Any]) -> str:
     pre = result['preprocessing']
+    resize = pre.get('interpolation', 'bicubic')
     lines = [
         f'model       {result["model"]["name"]} ({result["model"]["weights"] or "no weights"})',
         f'preprocess  official TF eval: {pre["input_size"]}x{pre["input_size"]}, centre crop with '
-        f'{pre["crop_padding"]} px padding ({pre["crop"]}, crop_pct {pre["crop_pct"]:.4f}), TF1 bicubic, '
+        f'{pre["crop_padding"]} px padding ({pre["crop"]}, crop_pct {pre["crop_pct"]:.4f}), TF1 {resize}, '
         f'mean/std {mean_std_name(pre["mean"], pre["std"])}, JPEG decoder {pre["jpeg_decoder"]}',
     ]
     for entry in result['images']:

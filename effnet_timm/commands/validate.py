@@ -82,10 +82,15 @@ class DistInfo:
 
 
 def init_distributed(device: str | None = None) -> tuple[DistInfo, torch.device]:
-    """Join the process group torchrun describes in the environment (one process: nothing to join) and pick the
-    device: ``cuda:LOCAL_RANK`` on a GPU machine (nccl), else the CPU (gloo)."""
+    """Join the process group torchrun describes in the environment (one process: nothing to join), or use the
+    one the caller already initialised, and pick the device: ``cuda:LOCAL_RANK`` on a GPU machine (nccl), else
+    the CPU (gloo)."""
+    local_rank = int(os.environ.get('LOCAL_RANK', '0'))
+    if dist.is_available() and dist.is_initialized():  # the caller's group (a training script): join it as is
+        info = DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
+        return info, _resolve_device(device, info)
     world_size = int(os.environ.get('WORLD_SIZE', '1'))
-    info = DistInfo(int(os.environ.get('RANK', '0')), world_size, int(os.environ.get('LOCAL_RANK', '0')))
+    info = DistInfo(int(os.environ.get('RANK', '0')), world_size, local_rank)
     dev = _resolve_device(device, info)
     if info.distributed and not dist.is_initialized():
         backend = 'nccl' if dev.type == 'cuda' else 'gloo'
@@ -159,21 +164,37 @@ class TimmEvalTransform:
             return self.transform(image.convert('RGB'))
 
 
-def eval_transform(model: torch.nn.Module, preprocessing: str = 'tf', crop: str = 'padding32') -> tuple[Callable, dict]:
-    """The per-image transform and a description of it (for the report and the results file)."""
+def eval_transform(
+    model: torch.nn.Module,
+    preprocessing: str = 'tf',
+    crop: str = 'padding32',
+    img_size: int | None = None,
+    crop_pct: float | None = None,
+    interpolation: str | None = None,
+) -> tuple[Callable, dict]:
+    """The per-image transform and a description of it (for the report and the results file). ``img_size`` and
+    ``crop_pct`` (timm's ``--img-size`` / ``--crop-pct``) override the model's size and the ``crop`` convention."""
     from timm.data import resolve_data_config
 
     if preprocessing not in PREPROCESSINGS:
         raise InputError(f'--preprocessing must be one of {PREPROCESSINGS}, got {preprocessing!r}')
     if crop not in CROPS:
         raise InputError(f'--crop must be one of {CROPS}, got {crop!r}')
+    if img_size is not None and img_size < 1:
+        raise InputError(f'--img-size must be >= 1, got {img_size}')
+    if crop_pct is not None and not 0 < crop_pct <= 1:
+        raise InputError(f'--crop-pct must be in (0, 1], got {crop_pct}')
     data_config = resolve_data_config({}, model=model)
-    tf = tf_eval_transform(data_config, crop)
+    if img_size is not None:
+        data_config['input_size'] = (data_config['input_size'][0], img_size, img_size)
+    if crop_pct is not None:
+        data_config['crop_pct'], crop = crop_pct, 'crop_pct'
+    tf = tf_eval_transform(data_config, crop, interpolation)
     desc = dict(
         preprocessing=preprocessing,
         img_size=tf.image_size,
         crop=crop,
-        interpolation='bicubic',
+        interpolation=tf.interpolation,  # the model's official resize (Lite/EdgeTPU: bilinear)
         mean_std=mean_std_name(data_config['mean'], data_config['std']),
     )
     if preprocessing == 'tf':
@@ -357,15 +378,17 @@ def official_top1(model: torch.nn.Module) -> float | None:
 
 
 def validate(
-    data: Path,
+    data: Path | str,
     model_name: str | None = None,
-    weights: Path | None = None,
+    weights: Path | str | None = None,
     *,
     dataset: str = '',
-    ground_truth: Path | None = None,
+    ground_truth: Path | str | None = None,
     batch_size: int = 64,
     workers: int = 4,
     crop: str = 'padding32',
+    img_size: int | None = None,
+    crop_pct: float | None = None,
     preprocessing: str = 'tf',
     amp: str | None = None,
     channels_last: bool = False,
@@ -374,15 +397,20 @@ def validate(
     device: str | None = None,
     skip_bad: bool = False,
     progress: bool = False,
+    interpolation: str | None = None,
 ) -> dict[str, Any] | None:
     """Evaluate a model on ImageNet-val at ``data`` (see ``effnet-timm validate --help``); joins torchrun's
-    process group when launched by it. Returns the result on rank 0 and ``None`` on the other ranks."""
+    process group when launched by it, or uses the caller's (and leaves it initialised). Returns the result on
+    rank 0 and ``None`` on the other ranks."""
+    weights = None if weights is None else Path(weights)
+    ground_truth = None if ground_truth is None else Path(ground_truth)
     source = open_imagenet_val(Path(data), dataset, ground_truth)  # before the model: a bad path fails at once
+    own_group = not (dist.is_available() and dist.is_initialized())
     info, dev = init_distributed(device)
     try:
         model = build_model(model_name, weights, info)
         _check_classes(model, source)
-        transform, pre = eval_transform(model, preprocessing, crop)
+        transform, pre = eval_transform(model, preprocessing, crop, img_size, crop_pct, interpolation)
         runtime = dict(
             amp=amp, channels_last=channels_last, fuse=fuse, param_count=sum(p.numel() for p in model.parameters())
         )  # before fusing folds BatchNorm away
@@ -407,9 +435,11 @@ def validate(
         )
         if not info.is_main:
             return None
-        return _result(model, source, ev, pre, info, dev, runtime)
+        protocol = dict(limit=limit, preprocessing=preprocessing, crop=pre['crop'], amp=amp, img_size=pre['img_size'])
+        protocol['crop_pct'] = crop_pct
+        return _result(model, source, ev, pre, info, dev, runtime, protocol)
     finally:
-        if info.distributed and dist.is_initialized():
+        if own_group and info.distributed and dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -433,12 +463,48 @@ class _Limited(torch.utils.data.Dataset):
 
 
 def _check_classes(model: torch.nn.Module, source: ImageSource) -> None:
-    from ..data.datasets import TimmSource
+    from ..data.datasets import OTHER_CLASSES, TimmSource
 
-    if model.num_classes != 1000 and not (isinstance(source, TimmSource) and source.remap is None):
+    own_labels = isinstance(source, TimmSource) and source.remap is None  # a timm dataset's own label space
+    if model.num_classes != 1000 and not own_labels:
         raise InputError(
             f'the model has {model.num_classes} classes; ImageNet-val is labelled with the 1000 ImageNet-1k classes'
         )
+    if model.num_classes == 1000 and own_labels:
+        raise InputError(
+            f'{source.root}: its labels ({source.label_summary()}) are not ImageNet-1k classes (WordNet synset ids '
+            "or ImageNet-1k class names) and cannot be mapped to the model's 1000 outputs" + OTHER_CLASSES
+        )
+
+
+IMAGENET_VAL_IMAGES = 50_000
+OFFICIAL_PROTOCOL = "the full 50,000-image split, TF preprocessing, the padding32 crop at the table's size, fp32"
+
+
+def _official_deviations(model: torch.nn.Module, ev: Evaluation, protocol: dict[str, Any]) -> list[str]:
+    """How this run differs from the protocol behind the README's top-1 (empty: the difference means something)."""
+    from ..models.config import VARIANTS
+    from ..weights.tags import GENERIC_RESOLUTION
+
+    cfg = getattr(model, 'pretrained_cfg', {}) or {}
+    spec, arch = TAGS[cfg['tag']], cfg['architecture']  # official_top1 found both
+    size = spec.input_size or (VARIANTS[arch].resolution if arch in VARIANTS else GENERIC_RESOLUTION)
+    deviations = []
+    if protocol['limit'] is not None:
+        deviations.append(f'--limit {protocol["limit"]}')
+    if ev.num_images != IMAGENET_VAL_IMAGES:
+        deviations.append(f'{ev.num_images:,} of the {IMAGENET_VAL_IMAGES:,} images')
+    if protocol['preprocessing'] != 'tf':
+        deviations.append(f'--preprocessing {protocol["preprocessing"]}')
+    if protocol['crop'] == 'crop_pct':
+        deviations.append(f'--crop-pct {protocol.get("crop_pct")}')
+    elif protocol['crop'] != 'padding32':
+        deviations.append(f'--crop {protocol["crop"]}')
+    if protocol['img_size'] != size:
+        deviations.append(f'{protocol["img_size"]} px, not {size}')
+    if protocol['amp'] is not None:
+        deviations.append(f'--amp {protocol["amp"]}')
+    return deviations
 
 
 def _result(
@@ -449,6 +515,7 @@ def _result(
     info: DistInfo,
     dev: torch.device,
     runtime: dict[str, Any],
+    protocol: dict[str, Any],
 ) -> dict[str, Any]:
     cfg = model.pretrained_cfg
     name = cfg.get('architecture', type(model).__name__) + (f'.{cfg["tag"]}' if cfg.get('tag') else '')
@@ -456,6 +523,7 @@ def _result(
         raise InputError(f'{source.root}: no image could be decoded ({len(ev.bad)} skipped with --skip-bad)')
     top1, top5 = 100 * ev.top1 / ev.num_images, 100 * ev.top5 / ev.num_images
     official = official_top1(model)
+    deviations = _official_deviations(model, ev, protocol) if official is not None else []
     names = [source.name(int(i)) for i in ev.rows[:, 0]]
     return dict(
         # timm validate.py's result keys first, with its rounding
@@ -472,7 +540,8 @@ def _result(
         top1_count=ev.top1,
         top5_count=ev.top5,
         official_top1=official,
-        official_top1_diff=None if official is None else round(top1 - official, 4),
+        official_top1_diff=None if official is None or deviations else round(top1 - official, 4),
+        official_protocol_deviations=deviations,
         images_per_s=round(ev.num_images / ev.seconds, 2) if ev.seconds > 0 else None,
         seconds=round(ev.seconds, 2),
         processes=info.world_size,
@@ -506,10 +575,11 @@ def format_result(result: dict[str, Any]) -> str:
     if pre['preprocessing'] == 'tf':
         how = (
             f'official TF eval: {pre["img_size"]}x{pre["img_size"]}, centre crop with {pre["crop_padding"]} px '
-            f'padding ({pre["crop"]}, crop_pct {pre["crop_pct"]:.4f}), TF1 bicubic'
+            f'padding ({pre["crop"]}, crop_pct {pre["crop_pct"]:.4f}), TF1 {pre["interpolation"]}'
         )
     else:
-        how = f'timm eval transform: {pre["img_size"]}x{pre["img_size"]}, crop_pct {pre["crop_pct"]}, PIL bicubic'
+        size, crop_pct = pre['img_size'], pre['crop_pct']
+        how = f'timm eval transform: {size}x{size}, crop_pct {crop_pct}, PIL {pre["interpolation"]}'
     n = result['num_images']
     speed = (
         f'{result["images_per_s"]:,.1f} images/s ({result["processes"]} process'
@@ -523,10 +593,15 @@ def format_result(result: dict[str, Any]) -> str:
         f'top-5       {result["top5"]:.3f} %  ({result["top5_count"]:,} / {n:,})',
         f'speed       {speed}',
     ]
-    if result['official_top1'] is not None:
+    if result['official_top1'] is not None and result['official_top1_diff'] is not None:
         lines.append(
             f'official    top-1 {result["official_top1"]:.1f} % (tensorflow/tpu README); '
-            f'difference {result["official_top1_diff"]:+.3f}'
+            f'difference {result["official_top1_diff"]:+.3f} (the published protocol: {OFFICIAL_PROTOCOL})'
+        )
+    elif result['official_top1'] is not None:
+        lines.append(
+            f'official    top-1 {result["official_top1"]:.1f} % (tensorflow/tpu README) is for {OFFICIAL_PROTOCOL}; '
+            f'no difference shown: this run has {", ".join(result["official_protocol_deviations"])}'
         )
     else:
         lines.append('official    no published top-1 for these weights (no pretrained tag)')

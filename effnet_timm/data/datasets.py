@@ -44,6 +44,7 @@ __all__ = [
     'open_imagenet_val',
     'imagenet_synsets',
     'read_ground_truth',
+    'imagenet_remap',
 ]
 
 # The image files a folder contributes (case-insensitive), here and in `predict`: the formats decode_image reads.
@@ -60,6 +61,11 @@ GROUND_TRUTH_FILES = (
 EXPECTED_LAYOUTS = (
     'one folder per ImageNet-1k synset (n01440764/ ...), or a flat folder of '
     'ILSVRC2012_val_*.JPEG with a ground-truth file (' + ', '.join(GROUND_TRUTH_FILES[:2]) + ')'
+)
+# What to do with a folder of other classes (validate scores the 1000 ImageNet-1k outputs against synset labels).
+OTHER_CLASSES = (
+    "; for a dataset of other classes, run timm's own validate.py (timm repository) with the models registered: "
+    'effnet-timm run validate.py --data-dir DATA --model MODEL --num-classes N --checkpoint FILE'
 )
 # Errors that mean "this file is not a readable image": they become a per-sample error, not an exception.
 # Pillow raises SyntaxError/EOFError on some malformed headers; simplejpeg raises ValueError.
@@ -119,13 +125,21 @@ class TimmSource(ImageSource):
         self.reader = dataset.reader
         self.root = root
         self.description = description
-        self.remap = remap  # reader's class index -> ImageNet-1k index (folder and tar readers)
+        self.remap = remap  # reader's class index -> ImageNet-1k index; None: the dataset's own label space
 
     def __len__(self) -> int:
         return len(self.reader)
 
     def name(self, index: int) -> str:
         return str(self.reader.filename(index))
+
+    def label_summary(self) -> str:
+        """The dataset's own classes, in a few words (for an error message)."""
+        names = sorted(_class_names(self.reader), key=str)
+        if not names:
+            return 'class indices without names'
+        shown = ', '.join(repr(str(n)) for n in names[:3])
+        return f'{len(names)} classes: {shown}{", ..." if len(names) > 3 else ""}'
 
     def read(self, index: int) -> tuple[bytes | Image.Image, int]:
         img, target, *_ = self.reader[index]
@@ -213,7 +227,10 @@ def _synset_source(root: Path, folders: list[str], stray_images: list[str]) -> F
     synsets = imagenet_synsets()
     for folder in folders:
         if not SYNSET.fullmatch(folder):
-            raise InputError(f"{root / folder}: '{folder}' is not a WordNet synset id (expected {EXPECTED_LAYOUTS})")
+            raise InputError(
+                f"{root / folder}: '{folder}' is not a WordNet synset id: validate reads {EXPECTED_LAYOUTS}"
+                + OTHER_CLASSES
+            )
         if folder not in synsets:
             raise InputError(f'{root / folder}: synset {folder} is not one of the 1000 ImageNet-1k classes')
     if stray_images:
@@ -346,7 +363,25 @@ def _timm_source(data: Path, dataset: str) -> TimmSource:
     if not hasattr(ds, 'reader') or not hasattr(ds.reader, '__getitem__'):
         raise InputError(f'--dataset {dataset}: not a map-style timm dataset')
     description = f'{len(ds.reader):,} images via timm create_dataset({dataset!r})'
-    return TimmSource(ds, str(data), description, None if prefix else _synset_remap(data, ds.reader))
+    remap = imagenet_remap(_class_names(ds.reader)) if prefix else _synset_remap(data, ds.reader)
+    return TimmSource(ds, str(data), description, remap)
+
+
+def _class_names(reader: Any) -> dict[Any, int]:
+    return dict(getattr(reader, 'class_to_idx', None) or getattr(reader, 'class_name_to_idx', None) or {})
+
+
+def imagenet_remap(class_to_idx: dict[Any, int]) -> dict[int, int] | None:
+    """A dataset's class index -> ImageNet-1k index, when its class names are ImageNet-1k's (WordNet synset ids,
+    or the class names of the Hugging Face ``imagenet-1k`` dataset: 'tench, Tinca tinca', ...); else None."""
+    from timm.data import ImageNetInfo
+
+    if not class_to_idx:
+        return None
+    for table in (imagenet_synsets(), {d: i for i, d in enumerate(ImageNetInfo('imagenet-1k').label_descriptions())}):
+        if all(isinstance(name, str) and name in table for name in class_to_idx):
+            return {int(index): table[name] for name, index in class_to_idx.items()}
+    return None
 
 
 def _synset_remap(data: Path, reader: Any) -> dict[int, int]:
@@ -357,6 +392,7 @@ def _synset_remap(data: Path, reader: Any) -> dict[int, int]:
     for name in names:
         if name not in synsets:
             raise InputError(
-                f"{data}: class folder '{name}' is not an ImageNet-1k synset id (expected {EXPECTED_LAYOUTS})"
+                f"{data}: class folder '{name}' is not an ImageNet-1k synset id: validate reads {EXPECTED_LAYOUTS}"
+                + OTHER_CLASSES
             )
     return {index: synsets[name] for name, index in names.items()}

@@ -90,6 +90,9 @@ __all__ = [
     'tf_center_crop_window',
     'bicubic_resize_weights',
     'bicubic_resize_taps',
+    'bilinear_resize_weights',
+    'resize_bilinear_tf1',
+    'INTERPOLATIONS',
     'resize_bicubic_tf1',
     'normalize_0_255',
     'TfEvalTransform',
@@ -467,6 +470,43 @@ def _tf_cubic_table() -> np.ndarray:
     return np.stack([near, far], axis=1).astype(np.float32)
 
 
+@functools.lru_cache(maxsize=64)
+def bilinear_resize_weights(in_size: int, out_size: int) -> torch.Tensor:
+    """(out_size, in_size) float32 matrix of TF1 legacy ``resize_bilinear`` along one axis.
+
+    TF's ``compute_interpolation_weights`` with the legacy scaler (``align_corners=False``,
+    ``half_pixel_centers=False``): source ``in = o * (in_size / out_size)`` in float32, taps
+    ``floor(in)`` and ``min(ceil(in), in_size - 1)``, weight ``in - floor(in)`` on the upper one.
+    Cached per size pair; treat the result as read-only.
+    """
+    scale = np.float32(in_size) / np.float32(out_size)
+    src = np.arange(out_size, dtype=np.float32) * scale
+    lower = np.floor(src)
+    lerp = (src - lower).astype(np.float32)
+    lo = np.maximum(lower.astype(np.int64), 0)
+    hi = np.minimum(np.ceil(src).astype(np.int64), in_size - 1)
+    weights = np.zeros((out_size, in_size), dtype=np.float32)
+    np.add.at(weights, (np.arange(out_size), lo), np.float32(1) - lerp)
+    np.add.at(weights, (np.arange(out_size), hi), lerp)
+    return torch.from_numpy(weights)
+
+
+def resize_bilinear_tf1(images: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """``tf.compat.v1.image.resize(..., BILINEAR)`` (legacy ``resize_bilinear``, no half-pixel centres) on
+    (..., H, W): the resize of the official ``main.py`` for EfficientNet-Lite and -EdgeTPU
+    (``preprocessing.py`` imports ``tensorflow.compat.v1``). float32, unclipped, like TF's."""
+    out_h, out_w = (size, size) if isinstance(size, int) else size
+    x = images if images.is_floating_point() else images.float()
+    in_h, in_w = x.shape[-2:]
+    wy = bilinear_resize_weights(in_h, out_h).to(device=x.device, dtype=x.dtype)
+    wx = bilinear_resize_weights(in_w, out_w).to(device=x.device, dtype=x.dtype)
+    return torch.matmul(torch.matmul(wy, x), wx.t())
+
+
+# The official eval resizes: TF1 bicubic (default), TF1 bilinear (Lite/EdgeTPU in main.py).
+INTERPOLATIONS = ('bicubic', 'bilinear')
+
+
 def resize_bicubic_tf1(images: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
     """``tf.compat.v1.image.resize_bicubic`` (legacy, no half-pixel centres) on (..., H, W).
 
@@ -515,7 +555,10 @@ class TfEvalTransform:
         std: Sequence[float] | None,
         decoder: str = 'auto',
         max_pixels: int | None = None,
+        interpolation: str = 'bicubic',
     ) -> None:
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f'interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}')
         if (mean is None) != (std is None):
             raise ValueError('give both mean and std, or neither to skip normalization')
         if decoder not in _DECODERS:
@@ -525,6 +568,7 @@ class TfEvalTransform:
         self.mean = None if mean is None else tuple(mean)
         self.std = None if std is None else tuple(std)
         self.decoder = decoder
+        self.interpolation = interpolation
         # Read once here (a bad EFFNET_TIMM_MAX_IMAGE_PIXELS fails at once, not per image) and carried to workers.
         self.max_pixels = max_image_pixels() if max_pixels is None else max_pixels
 
@@ -538,13 +582,18 @@ class TfEvalTransform:
     def __call__(self, image: ImageInput) -> torch.Tensor:
         rgb = decode_image(image, self.decoder, self.max_pixels)
         top, left, side, _ = self.crop_window(rgb.shape[0], rgb.shape[1])
-        x = _resize_bicubic_tf1_hwc(rgb[top : top + side, left : left + side], self.image_size)
+        crop = rgb[top : top + side, left : left + side]
+        if self.interpolation == 'bilinear':
+            x = resize_bilinear_tf1(crop.permute(2, 0, 1), self.image_size)
+        else:
+            x = _resize_bicubic_tf1_hwc(crop, self.image_size)
         return x if self.mean is None else normalize_0_255(x, self.mean, self.std)
 
     def __repr__(self) -> str:
         return (
             f'{type(self).__name__}(image_size={self.image_size}, crop_padding={self.crop_padding} '
-            f'(crop_pct={self.crop_pct:.4f}), mean={self.mean}, std={self.std}, decoder={self.decoder!r})'
+            f'(crop_pct={self.crop_pct:.4f}), interpolation={self.interpolation!r}, mean={self.mean}, std={self.std}, '
+            f'decoder={self.decoder!r})'
         )
 
 
@@ -553,8 +602,12 @@ def create_tf_transform(
     crop: str | int = 'padding32',
     decoder: str = 'auto',
     normalize: bool = True,
+    interpolation: str | None = None,
 ) -> TfEvalTransform:
     """The official TF eval preprocessing for a timm data config.
+
+    The resize is ``interpolation`` when given, else the config's when it is one of the official ones
+    (TF1 ``'bicubic'``, or ``'bilinear'``: Lite's and EdgeTPU's pretrained cfgs), else TF1 bicubic.
 
     ``data_config`` is what ``timm.data.resolve_data_config({}, model=model)`` returns; its
     ``input_size`` (square) and ``mean``/``std`` are used. ``crop`` is the crop convention (see
@@ -564,9 +617,12 @@ def create_tf_transform(
     """
     size = _square_size(data_config['input_size'])
     padding = tf_crop_padding(size, crop, data_config.get('crop_pct'))
-    _warn_on_config_mismatch(data_config, size, padding, crop)
+    _warn_on_config_mismatch(data_config, size, padding, crop, interpolation)
     mean, std = (data_config['mean'], data_config['std']) if normalize else (None, None)
-    return TfEvalTransform(size, padding, mean, std, decoder)
+    if interpolation is None:
+        configured = data_config.get('interpolation', 'bicubic')
+        interpolation = configured if configured in INTERPOLATIONS else 'bicubic'
+    return TfEvalTransform(size, padding, mean, std, decoder, interpolation=interpolation)
 
 
 def preprocess_batch(
@@ -575,9 +631,10 @@ def preprocess_batch(
     crop: str | int = 'padding32',
     decoder: str = 'auto',
     normalize: bool = True,
+    interpolation: str | None = None,
 ) -> torch.Tensor:
     """Preprocess ``images`` with :func:`create_tf_transform` and stack them: (N, 3, S, S) float32."""
-    transform = create_tf_transform(data_config, crop=crop, decoder=decoder, normalize=normalize)
+    transform = create_tf_transform(data_config, crop, decoder, normalize, interpolation)
     return torch.stack([transform(image) for image in images])
 
 
@@ -588,7 +645,9 @@ def _square_size(input_size: Sequence[int]) -> int:
     return int(height)
 
 
-def _warn_on_config_mismatch(data_config: Mapping[str, Any], size: int, padding: int, crop: str | int) -> None:
+def _warn_on_config_mismatch(
+    data_config: Mapping[str, Any], size: int, padding: int, crop: str | int, interpolation: str | None = None
+) -> None:
     crop_pct = data_config.get('crop_pct')
     if crop_pct is not None and _padding_from_crop_pct(size, crop_pct) != padding:
         warnings.warn(
@@ -599,7 +658,7 @@ def _warn_on_config_mismatch(data_config: Mapping[str, Any], size: int, padding:
         )
     if data_config.get('crop_mode', 'center') != 'center':
         warnings.warn(f'crop_mode={data_config["crop_mode"]!r} ignored: TF crops the centre', stacklevel=3)
-    if data_config.get('interpolation', 'bicubic') != 'bicubic':
+    if interpolation is None and data_config.get('interpolation', 'bicubic') not in INTERPOLATIONS:
         warnings.warn(
             f'interpolation={data_config["interpolation"]!r} ignored: TF resizes with TF1 bicubic', stacklevel=3
         )

@@ -10,21 +10,21 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from timm.layers import create_classifier, get_device_dtype
 
 from ..compat import efficientnet_init_weights, feature_take_indices
-from .blocks import create_block
-from .config import BlockConfig, block_table, head_filters, stem_filters
+from .blocks import conv_bn_act_, create_block, inplace_allowed, unobserved_triple
+from .config import FAMILIES, BlockConfig, block_table, head_filters, stem_filters
 from .layers import create_conv
-from .recompute import recompute_activations, strip_recipe
-from .recompute_layers import BatchNormRecompute2d, SwishRecompute
+from .recompute import checkpoint, recompute_activations, strip_recipe
+from .recompute_layers import BatchNormRecompute2d, ReLU6Recompute, ReLURecompute, SwishRecompute
 
 __all__ = ['EffNetV1', 'BN_EPS_TF', 'BN_MOMENTUM_TF']
 
 BN_EPS_TF = 1e-3
 BN_MOMENTUM_TF = 0.01  # TF's decay 0.99 expressed as PyTorch momentum
 STOCHASTIC_DEPTH_TF = 0.2  # official `survival_prob` 0.8 at the last block
+_ACTIVATIONS = {'swish': SwishRecompute, 'relu6': ReLU6Recompute, 'relu': ReLURecompute}
 
 
 class Stage(nn.Sequential):
@@ -39,7 +39,7 @@ class Stage(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and not torch.jit.is_scripting():
             for block in self:
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x)  # leaves BatchNorm buffers as a plain step does
             return x
         for block in self:
             x = block(x)
@@ -71,6 +71,8 @@ class EffNetV1(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         memory_efficient: bool = True,
+        family: str = 'efficientnet',
+        num_experts: int = 0,
     ) -> None:
         super().__init__()
         assert output_stride in (8, 16, 32), 'output_stride must be 8, 16 or 32'
@@ -81,13 +83,19 @@ class EffNetV1(nn.Module):
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
         self.memory_efficient = memory_efficient
-        act_layer = SwishRecompute  # Swish, a module of its own after each BatchNorm (see bn_act)
+        if family not in FAMILIES:
+            raise ValueError(f"family '{family}' is not one of {', '.join(FAMILIES)}")
+        self.family, self.num_experts = family, num_experts  # Lite/EdgeTPU/CondConv: `config.FAMILIES`
+        # Swish (ReLU6 for Lite, ReLU for EdgeTPU), a module of its own after each BatchNorm (see bn_act)
+        act_layer = _ACTIVATIONS[FAMILIES[family].activation]
         norm_layer = partial(BatchNormRecompute2d, eps=bn_eps, momentum=bn_momentum)
 
         # timm's device/dtype factory arguments: build in place (e.g. on 'meta' without allocating).
         with torch.device(device) if device is not None else nullcontext():
-            self.block_cfgs: list[BlockConfig] = block_table(width_coefficient, depth_coefficient, depth_divisor)
-            stem_chs = stem_filters(width_coefficient, depth_divisor)
+            self.block_cfgs: list[BlockConfig] = block_table(
+                width_coefficient, depth_coefficient, depth_divisor, family, num_experts
+            )
+            stem_chs = stem_filters(width_coefficient, depth_divisor, family)
             self.conv_stem = create_conv(in_chans, stem_chs, 3, stride=2)
             self.bn1 = norm_layer(stem_chs)
             self.act1 = act_layer()
@@ -95,7 +103,7 @@ class EffNetV1(nn.Module):
             self.blocks, self.feature_info = self._build_stages(norm_layer, act_layer, drop_path_rate, output_stride)
             self.stage_ends = [info['stage'] for info in self.feature_info]
 
-            self.num_features = head_filters(width_coefficient, depth_divisor)
+            self.num_features = head_filters(width_coefficient, depth_divisor, family)
             self.conv_head = create_conv(self.block_cfgs[-1].output_filters, self.num_features, 1)
             self.bn2 = norm_layer(self.num_features)
             self.act2 = act_layer()
@@ -227,7 +235,7 @@ class EffNetV1(nn.Module):
             take_stages = [self.stage_ends[i] for i in take_indices]
             last_stage = self.stage_ends[max_index]
 
-        x = self.act1(self.bn1(self.conv_stem(x)))
+        x = self._stem(x)
         intermediates = [x] if 0 in take_stages else []
         stages = self.blocks[:last_stage] if stop_early and not torch.jit.is_scripting() else self.blocks
         stage_idx = 0
@@ -238,7 +246,7 @@ class EffNetV1(nn.Module):
         if intermediates_only:
             return intermediates
         if stage_idx == len(self.blocks):
-            x = self.act2(self.bn2(self.conv_head(x)))
+            x = self._head(x)
         return x, intermediates
 
     def prune_intermediate_layers(
@@ -271,9 +279,25 @@ class EffNetV1(nn.Module):
         return self._forward_features(x)
 
     def _forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act1(self.bn1(self.conv_stem(x)))
+        x = self._stem(x)
         x = self.blocks(x)  # each stage checkpoints its blocks itself when enabled
+        return self._head(x)
+
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            if inplace_allowed(x) and self._unobserved(self.conv_stem, self.bn1, self.act1):
+                return conv_bn_act_(self.conv_stem, self.bn1, self.act1, x)
+        return self.act1(self.bn1(self.conv_stem(x)))
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            if inplace_allowed(x) and self._unobserved(self.conv_head, self.bn2, self.act2):
+                return conv_bn_act_(self.conv_head, self.bn2, self.act2, x)
         return self.act2(self.bn2(self.conv_head(x)))
+
+    @torch.jit.unused
+    def _unobserved(self, conv: nn.Module, bn: nn.Module, act: nn.Module) -> bool:
+        return unobserved_triple(conv, bn, act)
 
     @torch.jit.unused
     def _recomputes_activations(self) -> bool:

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..compat import convolution_pointwise, mkldnn_convolution_pointwise
-from .blocks import DepthwiseSeparable, InvertedResidual
+from .blocks import DepthwiseSeparable, FusedInvertedResidual, InvertedResidual
 from .efficientnet import EffNetV1
 from .layers import Conv2dTfSame
 
@@ -32,6 +32,8 @@ _CONV_BN_ACT = {
     EffNetV1: (('conv_stem', 'bn1', 'act1'), ('conv_head', 'bn2', 'act2')),
     DepthwiseSeparable: (('conv_dw', 'bn1', 'act1'), ('conv_pw', 'bn2', None)),
     InvertedResidual: (('conv_pw', 'bn1', 'act1'), ('conv_dw', 'bn2', 'act2'), ('conv_pwl', 'bn3', None)),
+    FusedInvertedResidual: (('conv_exp', 'bn1', 'act1'), ('conv_pwl', 'bn2', None)),
+    # CondConv blocks keep their BatchNorms: their kernels are mixed per example.
 }
 
 
@@ -89,13 +91,15 @@ class FusedConv2d(Conv2dTfSame):
         return F.silu(x, inplace=True) if self.swish else x
 
     def _use_fused_kernel(self, x: torch.Tensor) -> bool:
-        # Only in eager CPU fp32 inference: the op has no autograd and is not for export graphs.
+        # Only in eager CPU fp32 inference: the op has no autograd and is not for export graphs. Not under
+        # autocast either, which it ignores: F.conv2d then computes in the autocast dtype, as unfused.
         if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
             return False
         return (
             self.fused_kernel
             and x.device.type == 'cpu'
             and x.dtype == torch.float32
+            and not torch.is_autocast_enabled('cpu')
             and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
         )
 
@@ -124,10 +128,11 @@ def _fuse_triple(parent: nn.Module, conv_name: str, bn_name: str, act_name: str 
     assert bn.track_running_stats and bn.running_mean is not None, f'{bn_name}: no running statistics to fold'
     act = getattr(parent, act_name) if act_name else None
     swish = isinstance(act, nn.SiLU)
-    assert act is None or swish, f'{act_name}: unexpected activation {type(act).__name__}'
+    keep_act = isinstance(act, (nn.ReLU, nn.ReLU6))  # Lite, EdgeTPU: stays a module after the fused conv
+    assert act is None or swish or keep_act, f'{act_name}: unexpected activation {type(act).__name__}'
     setattr(parent, conv_name, FusedConv2d(conv, bn, swish))
     setattr(parent, bn_name, nn.Identity())
-    if act_name:
+    if act_name and not keep_act:
         setattr(parent, act_name, nn.Identity())
 
 

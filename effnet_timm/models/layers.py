@@ -41,7 +41,7 @@ def tf_same_pad(size: int, kernel_size: int, stride: int, dilation: int = 1) -> 
     return total // 2, total - total // 2
 
 
-def _pad_before(size: int, effective_kernel: int, stride: int) -> int:
+def pad_before(size: int, effective_kernel: int, stride: int) -> int:
     """TF's padding before the input (`tf_same_pad(...)[0]`), also for a traced size (a 0-dim tensor).
 
     Under torch.jit.trace `size` is a 0-dim tensor (typed `int` for TorchScript, which never sees one), and
@@ -124,8 +124,8 @@ class Conv2dTfSame(nn.Conv2d):
         """
         k_h = (self.kernel_size[0] - 1) * self.dilation[0]
         k_w = (self.kernel_size[1] - 1) * self.dilation[1]
-        pad_top = _pad_before(x.shape[-2], k_h + 1, self.stride[0])
-        pad_left = _pad_before(x.shape[-1], k_w + 1, self.stride[1])
+        pad_top = pad_before(x.shape[-2], k_h + 1, self.stride[0])
+        pad_left = pad_before(x.shape[-1], k_w + 1, self.stride[1])
         return [pad_left, k_w - pad_left, pad_top, k_h - pad_top]
 
     def _conv(self, x: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor:

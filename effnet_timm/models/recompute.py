@@ -16,23 +16,49 @@ A recipe is only ever a stand-in for the value it was made from:
 - every tensor the hooks save as itself is checked for in-place edits at unpack, which autograd stops
   doing for tensors that pass through saved-tensor hooks;
 - under `create_graph=True` (double backward) recipes recompute differentiably (see `bn_act`).
+
+Gradient checkpointing (`checkpoint`, used by `EffNetV1.set_grad_checkpointing`) is the other way to save
+memory: it re-runs whole blocks in backward. A training BatchNorm re-run there must not update its running
+statistics a second time; `checkpoint` sets every BatchNorm's buffers aside while it recomputes.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
+import torch.nn as nn
+import torch.utils.checkpoint
+from torch.utils.weak import WeakIdKeyDictionary
 
-from ..compat import saved_tensors_hooks_outer_active
+from ..compat import current_graph_task_id, saved_tensors_hooks_outer_active
 
-__all__ = ['Recompute', 'attach_recipe', 'recipe_of', 'recompute_activations', 'recording', 'strip_recipe']
+__all__ = [
+    'Recompute',
+    'attach_recipe',
+    'checkpoint',
+    'in_backward',
+    'recipe_of',
+    'recompute_activations',
+    'recording',
+    'strip_recipe',
+]
 
-_RECIPE_ATTR = '_effnet_recompute'
+# Recipes live in a table keyed weakly by tensor identity, not on the tensors: a tensor a forward hook kept
+# pickles (torch.save, weights-only torch.load) like any other and holds no recipe sources alive. The table
+# exists while `recompute_activations()` records and is dropped when it ends (what autograd packed keeps its
+# own reference to its recipe).
 _state = threading.local()  # saved-tensor hooks are per thread too (DataParallel replicas run in threads)
+
+
+def _recipes(create: bool = False) -> WeakIdKeyDictionary | None:
+    table = getattr(_state, 'recipes', None)
+    if table is None and create:
+        table = _state.recipes = WeakIdKeyDictionary()
+    return table
 
 
 class Recompute:
@@ -102,7 +128,7 @@ def _check_version(t: torch.Tensor, version: int) -> None:
 def attach_recipe(out: torch.Tensor, fn: Callable[..., torch.Tensor], *args: Any, cache: bool = True) -> torch.Tensor:
     """Mark `out` as `fn(*args)`; tensor arguments that carry a current recipe are referenced by recipe."""
     args = tuple(_as_arg(a) for a in args)
-    setattr(out, _RECIPE_ATTR, Recompute(fn, out._version, *args, cache=cache))
+    _recipes(create=True)[out] = Recompute(fn, out._version, *args, cache=cache)
     return out
 
 
@@ -113,14 +139,15 @@ def _as_arg(a: Any) -> Any:
 
 
 def recipe_of(t: Any) -> Recompute | None:
-    # Only real tensors: an FX proxy would answer any attribute with a new graph node.
-    return getattr(t, _RECIPE_ATTR, None) if isinstance(t, torch.Tensor) else None
+    table = _recipes()
+    # Only real tensors (not FX proxies).
+    return table.get(t) if table is not None and isinstance(t, torch.Tensor) else None
 
 
 def strip_recipe(t: Any) -> Any:
     """Drop `t`'s recipe (outputs leaving the model carry none)."""
     if recipe_of(t) is not None:
-        delattr(t, _RECIPE_ATTR)
+        del _recipes()[t]
     return t
 
 
@@ -164,7 +191,54 @@ def recompute_activations() -> Iterator[None]:
             yield
         finally:
             _state.depth -= 1
+            if _state.depth == 0:
+                _state.recipes = None
 
 
 def _outer_hooks_active() -> bool:
     return saved_tensors_hooks_outer_active()  # torch internals: effnet_timm/compat.py
+
+
+# ----------------------------------------------------------------------------- gradient checkpointing
+
+_BN_BUFFERS = ('running_mean', 'running_var', 'num_batches_tracked')
+
+
+def checkpoint(module: nn.Module, *args: Any) -> Any:
+    """`torch.utils.checkpoint.checkpoint(module, *args, use_reentrant=False)` that leaves BatchNorm buffers as
+    a plain step leaves them.
+
+    The recomputation in backward re-runs every training-mode BatchNorm in `module`; torch's checkpoint would
+    let each update its running mean/var and `num_batches_tracked` a second time (decay 0.99 becoming ~0.98).
+    Here each `_BatchNorm` in `module` (ours, a converted `SyncBatchNorm`, any other) updates scratch copies
+    of its buffers during the recomputation, with the same kernels and values, so outputs and gradients are
+    those of the forward and the buffers keep the one update the forward made.
+    """
+    if torch.compiler.is_compiling():  # compile's own recomputation replays no buffer mutation
+        return torch.utils.checkpoint.checkpoint(module, *args, use_reentrant=False)
+    return torch.utils.checkpoint.checkpoint(
+        module, *args, use_reentrant=False, context_fn=lambda: (nullcontext(), batch_norm_buffers_aside(module))
+    )
+
+
+@contextmanager
+def batch_norm_buffers_aside(module: nn.Module) -> Iterator[None]:
+    """While inside, every training BatchNorm in `module` reads and updates copies of its running statistics."""
+    saved = []
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats:
+            originals = {k: m._buffers[k] for k in _BN_BUFFERS if m._buffers.get(k) is not None}
+            saved.append((m, originals))
+            for k, t in originals.items():
+                m._buffers[k] = t.detach().clone()
+    try:
+        yield
+    finally:
+        for m, originals in saved:
+            m._buffers.update(originals)
+
+
+def in_backward() -> bool:
+    """Whether this thread is running a backward pass (where a training forward is a checkpoint recomputation)."""
+    current = current_graph_task_id()  # torch internals: effnet_timm/compat.py
+    return current is not None and current != -1

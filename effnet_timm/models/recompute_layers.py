@@ -20,9 +20,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .recompute import attach_recipe, recipe_of, recording
+from .recompute import attach_recipe, in_backward, recipe_of, recording
 
-__all__ = ['BatchNormRecompute2d', 'SwishRecompute']
+__all__ = ['BatchNormRecompute2d', 'SwishRecompute', 'ReLURecompute', 'ReLU6Recompute']
 
 
 def _affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -59,6 +59,9 @@ def batch_norm_with_recipe(
     eps: float,
 ) -> torch.Tensor:
     """`F.batch_norm(x, training=True)` whose output carries a recipe (`effnet_timm.models.recompute`)."""
+    # F.batch_norm's check ("Expected more than 1 value per channel when training"): the kernel would write NaN
+    # into running_var instead.
+    F._verify_batch_size(x.size())
     y, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
     with torch.no_grad():
         scale = invstd * weight
@@ -72,18 +75,27 @@ class BatchNormRecompute2d(nn.BatchNorm2d):
     """`nn.BatchNorm2d` whose training output can be recomputed from its input in backward.
 
     Only the output's bookkeeping differs; the statistics and running-average rules are
-    `_BatchNorm.forward`'s, restated because TorchScript cannot call `super().forward`.
+    `_BatchNorm.forward`'s, restated because TorchScript cannot call `super().forward`. A training forward run
+    inside backward is a gradient checkpoint's recomputation (torch's, timm's `checkpoint_seq`): it updates
+    copies of the running statistics, so the buffers hold the one update of a plain step.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(x, torch.Tensor):  # not an FX proxy (its dim() is a graph node, not an int)
             self._check_input_dim(x)
-        momentum = self._momentum_for_this_step()
         batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         # Buffers are only passed where they are read or updated (BatchNorm2d's rule).
         keep = not self.training or self.track_running_stats
         running_mean = self.running_mean if keep else None
         running_var = self.running_var if keep else None
+        recomputing = False
+        if not torch.jit.is_scripting():
+            recomputing = self._recomputing_in_backward()
+        if recomputing and running_mean is not None and running_var is not None:
+            # A checkpoint re-running this forward in backward (torch's or timm's own): the forward already
+            # updated the statistics once, as a plain step does; the same kernel updates copies here.
+            running_mean, running_var = running_mean.clone(), running_var.clone()
+        momentum = self._momentum_for_this_step(count=not recomputing)
         if not torch.jit.is_scripting():
             if batch_stats and self._records_recipe(x):
                 return batch_norm_with_recipe(x, self.weight, self.bias, running_mean, running_var, momentum, self.eps)
@@ -100,10 +112,15 @@ class BatchNormRecompute2d(nn.BatchNorm2d):
             and torch.is_grad_enabled()
         )
 
-    def _momentum_for_this_step(self) -> float:
+    @torch.jit.unused
+    def _recomputing_in_backward(self) -> bool:
+        return self.training and self.track_running_stats and not torch.compiler.is_compiling() and in_backward()
+
+    def _momentum_for_this_step(self, count: bool = True) -> float:
         momentum = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
+            if count:
+                self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative average
                 momentum = 1.0 / float(self.num_batches_tracked)
         return momentum
@@ -128,3 +145,27 @@ class SwishRecompute(nn.SiLU):
     @torch.jit.unused
     def _records_recipe(self, x: torch.Tensor) -> bool:
         return not torch.compiler.is_compiling() and torch.is_grad_enabled() and recipe_of(x) is not None
+
+
+class ReLURecompute(nn.ReLU):
+    """`nn.ReLU` (EdgeTPU) whose output carries a recipe when its input does, like `SwishRecompute`.
+
+    While recording it is computed as `F.threshold(x, 0, 0)` (the same values and gradients, zero at 0): its
+    backward keeps the input, a BatchNorm output with a recipe, where ReLU's keeps its own output, which gets
+    its recipe only after the op has saved it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            if not torch.compiler.is_compiling() and torch.is_grad_enabled() and recipe_of(x) is not None:
+                return attach_recipe(F.threshold(x, 0.0, 0.0), F.relu, x)
+        return F.relu(x)
+
+
+class ReLU6Recompute(nn.ReLU6):
+    """`nn.ReLU6` (Lite) whose output carries a recipe when its input does, like `SwishRecompute`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            if not torch.compiler.is_compiling() and torch.is_grad_enabled() and recipe_of(x) is not None:
+                return attach_recipe(F.relu6(x), F.relu6, x)
+        return F.relu6(x)

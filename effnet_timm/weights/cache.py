@@ -1,49 +1,62 @@
-"""Pretrained weights of registered tags on first use: where they come from and how they are cached.
+"""Pretrained weights of registered tags on first use: where they come from, what is checked, how they are cached.
 
-Resolution order for `effnet_v1_bN.<tag>` with `pretrained=True` (explicit files are handled by timm before):
-our cache of an earlier conversion (no network) -> the published Hub repo -> the official TensorFlow tarball at
-`EFFNET_TIMM_CKPT_ROOT` (default: the official bucket), converted without TensorFlow and cached.
+Resolution order for `effnet_v1_bN.<tag>` with `pretrained=True` (explicit files and `hf-hub:` repos the user names
+are handled by timm before, as the user's own choice):
+  1. our cache of an earlier conversion (no network);
+  2. the Hub repo `effnet-timm/<model>.<tag>`, only where its TAGS row pins a commit and the sha256 of its
+     `model.safetensors` (`tags.hub_pin`); the file is checked against the pin before it is loaded, a mismatch is one
+     warning line and falls through. No row is pinned today;
+  3. the official TensorFlow tarball at `EFFNET_TIMM_CKPT_ROOT` (default: the official bucket), checked against its
+     pinned sha256 and size (`pins.json`, whatever the source), else against the `X-Goog-Hash` the bucket sends for
+     the whole file (an http(s) mirror that sends none is refused unless `EFFNET_TIMM_ALLOW_UNVERIFIED=1`; a local
+     folder or file:// mirror is the user's own disk), converted without TensorFlow and cached.
 
 Cache layout (root: `EFFNET_TIMM_CACHE`, else `$XDG_CACHE_HOME/effnet_timm`, else `~/.cache/effnet_timm`):
 
-    <root>/effnet_v1_b0.aa_in1k/{model.safetensors,config.json,README.md}   one entry per family and variant
-    <root>/.locks/effnet_v1_b0.aa_in1k.lock                                  held while an entry is made
-    <root>/.tmp/effnet_v1_b0.aa_in1k/                                        download and staging
-
-The download folder keeps the resumable `.part`, and a verified tarball whose conversion failed for a reason
-other than its content (reused after its sha256 is checked against the `.verified.json` written beside it).
+    <root>/effnet_v1_b0.aa_in1k/{model.safetensors,config.json,README.md,.verified.json}   one entry per tag and variant
+    <root>/.locks/effnet_v1_b0.aa_in1k.lock                           held while an entry is made (filelock, NFS-safe)
+    <root>/.tmp/effnet_v1_b0.aa_in1k/download/                        the resumable `.part`, or a verified tarball
+    <root>/.tmp/effnet_v1_b0.aa_in1k/<host>-<pid>-*/                  staging of one process, removed when it ends
 
 An entry appears by one `os.rename` of a complete folder, and is trusted only when its config.json carries the
-`effnet_timm.cache` record (written last, before the rename) and the sizes + sha256 recorded for its files match
-(`integrity.verify_folder`). The lock is an fcntl lock: it dies with its process, so a killed download never
-blocks; whoever takes the lock next clears the staging left behind and resumes the `.part` download.
+`effnet_timm.cache` record (written last, before the rename) and the size + sha256 recorded for its weights match.
+The sha256 is computed when the entry is filled; later loads compare the size, mtime, ctime and inode recorded in
+`.verified.json` and hash again only when one changed (or with `effnet-timm download --verify`), so the ranks of a
+job do not each read a multi-GB file. The lock is the `filelock` package's lock on a regular file: it dies with its
+process, so a killed download never blocks; whoever takes it next resumes the `.part`.
 """
 
 from __future__ import annotations
 
-import gzip
-import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from ..errors import InputError, PretrainedWeightsError, first_line
-from .integrity import file_digests, verify_folder
-from .tags import OFFICIAL_CKPT_ROOT, TAGS, official_url
+from ..errors import CheckpointError, InputError, OutputError, PretrainedWeightsError, first_line
+from .download import ENV_ALLOW_UNVERIFIED, download
+from .integrity import file_digests, sha256_file, verify_folder
+from .tags import OFFICIAL_CKPT_ROOT, TAGS, hub_pin, hub_repo_id, official_url, tarball_pin
 
 __all__ = [
+    'ENV_ALLOW_UNVERIFIED',
+    'ENV_CACHE',
+    'ENV_CKPT_ROOT',
     'CacheEntry',
     'cache_root',
     'cached_entry',
     'ckpt_root',
     'entry_dir',
+    'entry_state',
     'fill_entry',
     'official_location',
+    'official_names',
     'resolve_pretrained_file',
 ]
 
@@ -52,6 +65,7 @@ _logger = logging.getLogger(__name__)
 ENV_CACHE = 'EFFNET_TIMM_CACHE'
 ENV_CKPT_ROOT = 'EFFNET_TIMM_CKPT_ROOT'
 WEIGHTS_NAME = 'model.safetensors'
+STAT_NAME = '.verified.json'  # size, mtime, ctime, inode of the weights when their sha256 was last checked
 _WAIT_NOTICE_S = 1.0  # say that we wait for another process only when the lock is not free at once
 
 
@@ -97,17 +111,27 @@ def entry_dir(variant: str, tag: str, cache_dir=None) -> Path:
     return cache_root(cache_dir) / f'{variant}.{tag}'
 
 
-def cached_entry(variant: str, tag: str, cache_dir=None) -> CacheEntry | None:
-    """The trusted cache entry of `variant.tag`, or None. Reads no network; checks sizes and sha256."""
+def entry_state(variant: str, tag: str, cache_dir=None, rehash: bool = False) -> tuple[CacheEntry | None, str]:
+    """(the trusted entry, '') or (None, 'not there' | 'damaged (why)'). Reads no network.
+
+    The weights' sha256 is compared only when their size, mtime, ctime or inode changed since it was last checked
+    (or with `rehash`)."""
     folder = entry_dir(variant, tag, cache_dir)
     if not folder.is_dir():
-        return None
-    reason = _untrusted_reason(folder, variant, tag)
+        return None, 'not there'
+    reason = _untrusted_reason(folder, variant, tag, rehash)
     if reason:
-        _logger.warning('%s: not used (%s); it will be made again', folder, reason)
-        return None
+        return None, f'damaged ({reason})'
     record = _config(folder)['effnet_timm']['cache']
-    return CacheEntry(folder.name, folder, record['source'], record['tarball_sha256'], record['tarball_bytes'])
+    return CacheEntry(folder.name, folder, record['source'], record['tarball_sha256'], record['tarball_bytes']), ''
+
+
+def cached_entry(variant: str, tag: str, cache_dir=None, rehash: bool = False) -> CacheEntry | None:
+    """The trusted cache entry of `variant.tag`, or None (a damaged one is logged, and made again when filled)."""
+    entry, why = entry_state(variant, tag, cache_dir, rehash)
+    if entry is None and why != 'not there':
+        _logger.warning('%s: not used, %s; it will be made again', entry_dir(variant, tag, cache_dir), why)
+    return entry
 
 
 def fill_entry(variant: str, tag: str, cache_dir=None, progress: bool | None = None) -> CacheEntry:
@@ -120,6 +144,12 @@ def fill_entry(variant: str, tag: str, cache_dir=None, progress: bool | None = N
         progress = False
     root = cache_root(cache_dir)
     name = f'{variant}.{tag}'
+    location = official_location(variant, tag)
+    if _offline() and _local_path(location) is None and cached_entry(variant, tag, cache_dir) is None:
+        raise PretrainedWeightsError(
+            f'{name}: offline (HF_HUB_OFFLINE=1) and not cached; {location} is not fetched offline '
+            f'(a local mirror in {ENV_CKPT_ROOT} is)'
+        )
     lock = FileLock(str(root / '.locks' / f'{name}.lock'))
     try:
         (root / '.locks').mkdir(parents=True, exist_ok=True)
@@ -138,7 +168,7 @@ def fill_entry(variant: str, tag: str, cache_dir=None, progress: bool | None = N
             return entry
         started = time.perf_counter()
         try:
-            entry = _make_entry(variant, tag, root, progress)
+            entry = _make_entry(variant, tag, root, location, progress)
         except OSError as err:  # a full disk, a read-only folder: one line naming the path, not a traceback
             raise PretrainedWeightsError(
                 f'{err.filename or root / name}: cannot fill the weights cache ({err.strerror or err})'
@@ -156,82 +186,97 @@ def _progress_bars_disabled() -> bool:
 
 
 def resolve_pretrained_file(variant: str, tag: str, hf_hub_id: str | None = None, cache_dir=None) -> Path:
-    """The `model.safetensors` to load for `variant.tag`: cache, then Hub, then the official tarball (converted
-    and cached). Raises PretrainedWeightsError naming every source tried and why it failed."""
+    """The `model.safetensors` to load for `variant.tag`: cache, then the Hub where pinned, then the official
+    tarball (converted and cached). Raises PretrainedWeightsError naming every source tried, why it failed, and
+    the ways out.
+
+    `hf_hub_id` (the registry cfg's) is not asked unless the TAGS row pins it: an unpinned repo is no source we can
+    check. A repo the user names (`hf-hub:org/name`) never reaches this function."""
+    del hf_hub_id
+    started = time.perf_counter()
     name = f'{variant}.{tag}'
-    entry = cached_entry(variant, tag, cache_dir)
+    entry, why = entry_state(variant, tag, cache_dir)
     if entry is not None:
         return entry.weights
     offline = _offline()
-    tried = [f'cache {entry_dir(variant, tag, cache_dir)}: not there']
-    if hf_hub_id:
-        path, reason = _from_hub(hf_hub_id, cache_dir, offline)
+    tried = [f'cache {entry_dir(variant, tag, cache_dir)}: {why}']
+    pin = hub_pin(variant, tag)
+    if pin is not None:
+        path, reason = _from_hub(hub_repo_id(variant, tag), pin, cache_dir, offline)
         if path is not None:
             return path
-        tried.append(f'Hub {hf_hub_id}: {reason}')
-    if offline:
-        raise PretrainedWeightsError(
-            f'{name}: could not load pretrained weights: offline (HF_HUB_OFFLINE=1) and not cached '
-            f'({"; ".join(tried)}); fill the cache with '
-            f'`effnet-timm download {name}` where there is internet, or pass pretrained_cfg_overlay=dict(file=...) '
-            f'with a file made by effnet-convert'
-        )
+        tried.append(f'Hub {hub_repo_id(variant, tag)}@{pin.revision[:12]}: {reason}')
     try:
         return fill_entry(variant, tag, cache_dir).weights
     except PretrainedWeightsError as err:
-        tried.append(f'official checkpoint: {first_line(err)}')
-    raise PretrainedWeightsError(f'{name}: could not load pretrained weights; tried {"; ".join(tried)}')
+        tried.append(f'official checkpoint: {_drop_name(first_line(err), name)}')
+    ways = (
+        f'fill the cache with `effnet-timm download {name}` where there is internet'
+        if offline
+        else f'set {ENV_CKPT_ROOT} to a mirror of the official bucket (a folder or URL laid out like it), fill the '
+        f'cache with `effnet-timm download {name}` where there is internet'
+    )
+    raise PretrainedWeightsError(
+        f'{name}: could not load pretrained weights ({time.perf_counter() - started:.0f} s); tried '
+        f'{"; ".join(tried)}. Ways out: {ways}, or pass pretrained_cfg_overlay=dict(file=...) with a file made by '
+        f'effnet-convert'
+    )
 
 
-# --- the Hub ------------------------------------------------------------------------------------------------------
+def _drop_name(message: str, name: str) -> str:
+    return message[len(name) + 2 :] if message.startswith(f'{name}: ') else message
 
 
-def _from_hub(hf_hub_id: str, cache_dir, offline: bool):
-    """(local path, None) when the published repo (or its Hub cache copy, offline) has the weights, else
-    (None, why not). A missing repo answers at once; an unreachable Hub costs one HEAD within the etag timeout
-    (hf_hub_download alone would retry with backoff for ~25 s before giving up)."""
+# --- the Hub (pinned rows only) -------------------------------------------------------------------------------------
+
+
+def _from_hub(repo_id: str, pin, cache_dir, offline: bool):
+    """(local path, None) when the pinned commit of the repo (or its Hub cache copy) has the weights with the pinned
+    sha256, else (None, why not). An unreachable Hub costs one HEAD within the etag timeout."""
     from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
     from huggingface_hub import errors as hub_errors
 
-    repo_id, _, revision = hf_hub_id.partition('@')
-    revision = revision or None
-    try:
-        if not offline:
-            get_hf_file_metadata(
-                hf_hub_url(repo_id, WEIGHTS_NAME, revision=revision), timeout=constants.HF_HUB_ETAG_TIMEOUT
-            )
+    def fetch(local_only: bool) -> Path:
         return Path(
-            hf_hub_download(repo_id, WEIGHTS_NAME, revision=revision, cache_dir=cache_dir, local_files_only=offline)
-        ), None
+            hf_hub_download(
+                repo_id, WEIGHTS_NAME, revision=pin.revision, cache_dir=cache_dir, local_files_only=local_only
+            )
+        )
+
+    try:
+        try:
+            path = fetch(local_only=True)  # a pinned commit never changes: its cached copy needs no request
+        except (hub_errors.LocalEntryNotFoundError, hub_errors.EntryNotFoundError, OSError, ValueError):
+            if offline:
+                return None, 'offline and not in the Hub cache'
+            get_hf_file_metadata(
+                hf_hub_url(repo_id, WEIGHTS_NAME, revision=pin.revision), timeout=constants.HF_HUB_ETAG_TIMEOUT
+            )
+            path = fetch(local_only=False)
     except hub_errors.RepositoryNotFoundError:
         return None, 'repository not found'
     except hub_errors.RevisionNotFoundError:
-        return None, f'revision {revision} not found'
-    except hub_errors.LocalEntryNotFoundError:
-        return None, 'not in the Hub cache'
+        return None, f'pinned revision {pin.revision} not found'
     except hub_errors.EntryNotFoundError:
-        return None, f'no {WEIGHTS_NAME} in the repository'
+        return None, f'no {WEIGHTS_NAME} at the pinned revision'
     except hub_errors.HfHubHTTPError as err:
         return None, first_line(err)
     except (hub_errors.OfflineModeIsEnabled, OSError, ValueError, ConnectionError) as err:
-        return _hub_cache_copy(repo_id, revision, cache_dir, f'unreachable ({first_line(err)})')
+        return None, f'unreachable ({first_line(err)})'
     except Exception as err:  # noqa: BLE001 - httpx transport errors (timeouts, DNS) are not OSErrors
         if type(err).__module__.split('.')[0] not in ('httpx', 'httpx2', 'httpcore', 'httpcore2'):
             raise
-        return _hub_cache_copy(repo_id, revision, cache_dir, f'unreachable ({first_line(err)})')
-
-
-def _hub_cache_copy(repo_id: str, revision, cache_dir, reason: str):
-    # As huggingface_hub itself does when the Hub cannot be reached: a copy already in its cache is used.
-    from huggingface_hub import errors as hub_errors
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return Path(
-            hf_hub_download(repo_id, WEIGHTS_NAME, revision=revision, cache_dir=cache_dir, local_files_only=True)
-        ), None
-    except (hub_errors.LocalEntryNotFoundError, hub_errors.EntryNotFoundError, OSError, ValueError):
-        return None, reason
+        return None, f'unreachable ({first_line(err)})'
+    memo = cache_root(cache_dir) / '.verified' / f'hub-{pin.sha256}.json'
+    if not _matches_memo(path, memo, pin.sha256):
+        found = sha256_file(path)
+        if found != pin.sha256:
+            _logger.warning(
+                '%s@%s: %s has sha256 %s, the pin says %s; not used', repo_id, pin.revision, path, found, pin.sha256
+            )
+            return None, f'sha256 {found[:12]}… is not the pinned {pin.sha256[:12]}…'
+        _write_memo(path, memo, pin.sha256)
+    return path, None
 
 
 def _offline() -> bool:
@@ -242,38 +287,93 @@ def _offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE) or value in ('1', 'true', 'yes', 'on')
 
 
+# --- verified-file memos: hash once, then compare stat ------------------------------------------------------------
+
+
+def _stat_key(path: Path) -> dict[str, int]:
+    st = os.stat(path)
+    return dict(size=st.st_size, mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns, inode=st.st_ino)
+
+
+def _matches_memo(path: Path, memo: Path, sha256: str) -> bool:
+    try:
+        record = json.loads(memo.read_text(encoding='utf-8'))
+        return record == dict(_stat_key(path), sha256=sha256)
+    except (OSError, ValueError):
+        return False
+
+
+def _write_memo(path: Path, memo: Path, sha256: str) -> None:
+    """Record the stat of a file whose sha256 was just checked (best effort: a read-only cache re-hashes)."""
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f'{memo.name}.{_host_pid()}.tmp')
+        tmp.write_text(json.dumps(dict(_stat_key(path), sha256=sha256)) + '\n')
+        os.replace(tmp, memo)
+    except OSError:
+        pass
+
+
+def _host_pid() -> str:
+    return f'{re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"}-{os.getpid()}'
+
+
 # --- making an entry (the caller holds its lock) ------------------------------------------------------------------
 
 
-def _make_entry(variant: str, tag: str, root: Path, progress: bool | None) -> CacheEntry:
+def _make_entry(variant: str, tag: str, root: Path, location: str, progress: bool | None) -> CacheEntry:
     name = f'{variant}.{tag}'
     work = root / '.tmp' / name
     download_dir = work / 'download'  # survives a killed process: its `.part` is resumed, a verified tarball reused
-    _clear_except(work, download_dir)
-    location = official_location(variant, tag)
+    _clear_except(work, download_dir)  # staging of killed earlier holders of the lock (any host)
+    stage = work / f'{_host_pid()}-{time.monotonic_ns()}'
     local = _local_path(location)
+    pin = tarball_pin(variant, tag)
     _logger.info('%s: not cached; fetching %s and converting it into %s', name, location, root / name)
     goog_hash: dict[str, str] = {}
-    if local is None:
-        tarball = download_dir / Path(urlparse(location).path).name
-        kept = _kept_download(tarball, location)
-        if kept is None:
-            from .download import download
+    try:
+        if local is None:
+            tarball = download_dir / Path(urlparse(location).path).name
+            kept = _kept_download(tarball, location, pin)
+            if kept is None:
+                got = download(
+                    location,
+                    tarball,
+                    progress,
+                    desc=name,
+                    sha256=pin.sha256 if pin else None,
+                    size=pin.size if pin else None,
+                    require_hash=not _allow_unverified(),
+                )
+                kept = dict(source=location, sha256=got.sha256, bytes=got.size, x_goog_hash=got.goog_hash)
+                _write_json(_sidecar(tarball), kept)
+            sha256, size, goog_hash = kept['sha256'], kept['bytes'], kept['x_goog_hash']
+        else:
+            if not local.is_file():
+                raise PretrainedWeightsError(f'{location}: no such file (mirror {ENV_CKPT_ROOT}={ckpt_root()})')
+            tarball, size = local, local.stat().st_size
+            sha256 = sha256_file(local) if pin else None
+            if pin and (sha256, size) != (pin.sha256, pin.size):
+                raise PretrainedWeightsError(
+                    f'{location}: sha256 {sha256} ({size} bytes) is not the pinned official file '
+                    f'({pin.sha256}, {pin.size} bytes)'
+                )
+        return _convert_and_install(variant, tag, root, location, tarball, local, sha256, size, goog_hash, stage)
+    finally:
+        _remove_quietly(stage)
+        _remove_empty(download_dir, work, root / '.tmp')
 
-            got = download(location, tarball, progress, desc=name)
-            kept = dict(source=location, sha256=got.sha256, bytes=got.size, x_goog_hash=got.goog_hash)
-            _write_json(_sidecar(tarball), kept)
-        sha256, size, goog_hash = kept['sha256'], kept['bytes'], kept['x_goog_hash']
-    else:
-        if not local.is_file():
-            raise PretrainedWeightsError(f'{location}: no such file (mirror {ENV_CKPT_ROOT}={ckpt_root()})')
-        tarball, sha256, size = local, None, local.stat().st_size
-    # The downloaded tarball goes once converted, or once refused for its content; any other failure (Ctrl-C,
-    # a full disk while converting) keeps it for the next call, which reuses it after checking its sha256.
+
+def _convert_and_install(
+    variant, tag, root: Path, location: str, tarball: Path, local, sha256, size, goog_hash, stage: Path
+) -> CacheEntry:
+    name = f'{variant}.{tag}'
+    # The downloaded tarball goes once converted, or once refused for its content; a failure to write the output
+    # (a full disk, a file-size limit, Ctrl-C) keeps it for the next call, which reuses it after checking its sha256.
     discard = False
     try:
         try:
-            staging = _convert(tarball, work / 'entry', variant, tag, location)
+            staging = _convert(tarball, stage / 'entry', variant, tag, location)
             sha256 = _check_recorded_sha256(staging, tarball.name, sha256, location)
         except _NotTheTarballsFault:
             raise
@@ -287,28 +387,33 @@ def _make_entry(variant: str, tag: str, root: Path, progress: bool | None) -> Ca
                 tarball_sha256=sha256,
                 tarball_bytes=size,
                 x_goog_hash=goog_hash,
+                pinned=tarball_pin(variant, tag) is not None,
                 fetched=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
             ),
         )
         final = root / name
         if final.exists():  # an untrusted leftover (damaged, or from an older layout): replaced, not reused
-            final.rename(work / 'replaced')
+            final.rename(stage / 'replaced')
         os.rename(staging, final)
+        _write_memo(final / WEIGHTS_NAME, final / STAT_NAME, _recorded_weights_sha256(final))
         discard = True
     finally:
         if local is None and discard:
             tarball.unlink(missing_ok=True)
             _sidecar(tarball).unlink(missing_ok=True)
-        _clear_except(work, download_dir)
     return CacheEntry(name, final, location, sha256, size)
 
 
+def _allow_unverified() -> bool:
+    return os.environ.get(ENV_ALLOW_UNVERIFIED, '').strip().lower() in ('1', 'true', 'yes', 'on')
+
+
 def _sidecar(tarball: Path) -> Path:
-    # Written only after download() verified the tarball (length, X-Goog-Hash): what makes it reusable.
+    # Written only after download() verified the tarball (pin or X-Goog-Hash, length): what makes it reusable.
     return tarball.with_name(tarball.name + '.verified.json')
 
 
-def _kept_download(tarball: Path, location: str) -> dict[str, object] | None:
+def _kept_download(tarball: Path, location: str, pin) -> dict[str, object] | None:
     """The record of a verified tarball that a killed or failed earlier fill left, if its bytes still match it."""
     record_path = _sidecar(tarball)
     try:
@@ -319,7 +424,8 @@ def _kept_download(tarball: Path, location: str) -> dict[str, object] | None:
             and record.get('source') == location
             and record.get('bytes') == size
             and isinstance(record.get('x_goog_hash'), dict)
-            and record.get('sha256') == _sha256(tarball)
+            and (pin is None or (record.get('sha256'), size) == (pin.sha256, pin.size))
+            and record.get('sha256') == sha256_file(tarball)
         ):
             _logger.info('%s: reusing the verified download %s', location, tarball)
             return record
@@ -328,14 +434,6 @@ def _kept_download(tarball: Path, location: str) -> dict[str, object] | None:
     record_path.unlink(missing_ok=True)  # bytes of unknown or changed content are fetched again
     tarball.unlink(missing_ok=True)
     return None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _write_json(path: Path, value: object) -> None:
@@ -352,14 +450,10 @@ def _convert(tarball: Path, out: Path, variant: str, tag: str, location: str) ->
     try:
         # variant= makes the converter refuse a tarball that holds another architecture.
         convert(str(tarball), out, variant=variant, tag=tag)
-    except InputError as err:  # the converter's CheckpointError is one
-        message = f'{location}: {_strip_paths(first_line(err), tarball, out)}'
-        # The converter reports a full disk while unpacking or writing as a CheckpointError too (raised from
-        # None: the OSError stays its __context__); that is no fault of the tarball, which is then kept.
-        cause = err.__context__
-        if isinstance(cause, OSError) and not isinstance(cause, (FileNotFoundError, gzip.BadGzipFile)):
-            raise _NotTheTarballsFault(message) from None
-        raise PretrainedWeightsError(message) from None
+    except OutputError as err:  # writing failed (full disk, size limit, permissions): not the tarball's fault
+        raise _NotTheTarballsFault(_about_tarball(first_line(err), location, tarball, out)) from None
+    except (CheckpointError, InputError) as err:
+        raise PretrainedWeightsError(_about_tarball(first_line(err), location, tarball, out)) from None
     return out
 
 
@@ -390,19 +484,27 @@ def _record(folder: Path, cache: dict[str, object]) -> None:
     os.replace(tmp, folder / 'config.json')
 
 
-def _untrusted_reason(folder: Path, variant: str, tag: str) -> str | None:
+def _recorded_weights_sha256(folder: Path) -> str:
+    return _config(folder)['effnet_timm']['files'][WEIGHTS_NAME]['sha256']
+
+
+def _untrusted_reason(folder: Path, variant: str, tag: str, rehash: bool = False) -> str | None:
     try:
         config = _config(folder)
         block = config.get('effnet_timm') or {}
         cache = block.get('cache')
         if not isinstance(cache, dict) or not cache.get('tarball_sha256'):
             return 'no cache record: incomplete'
-        if WEIGHTS_NAME not in (block.get('files') or {}):
+        record = (block.get('files') or {}).get(WEIGHTS_NAME)
+        if not isinstance(record, dict) or not isinstance(record.get('sha256'), str):
             return f'no integrity record of {WEIGHTS_NAME}'
         if config.get('architecture') != variant or (config.get('pretrained_cfg') or {}).get('tag') != tag:
             return f'holds {config.get("architecture")}.{(config.get("pretrained_cfg") or {}).get("tag")}'
-        verify_folder(folder)
-    except (OSError, ValueError, AttributeError, InputError) as err:
+        weights, memo = folder / WEIGHTS_NAME, folder / STAT_NAME
+        if rehash or not _matches_memo(weights, memo, record['sha256']):
+            verify_folder(folder)
+            _write_memo(weights, memo, record['sha256'])
+    except (OSError, ValueError, AttributeError, KeyError, TypeError, InputError) as err:
         return first_line(err)
     return None
 
@@ -412,12 +514,31 @@ def _config(folder: Path) -> dict:
 
 
 def _clear_except(work: Path, keep: Path) -> None:
-    """Remove what a killed or failed fill left in `work` (staging folders), keeping the resumable download."""
+    """Remove what killed or failed fills left in `work` (staging folders), keeping the resumable download."""
     if not work.is_dir():
         return
     for child in work.iterdir():
         if child != keep:
-            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink(missing_ok=True)
+            _remove_quietly(child)
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def _remove_empty(*folders: Path) -> None:
+    """Remove these folders, innermost first, where empty: a failed first use leaves no empty `.tmp/` behind."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def _local_path(location: str) -> Path | None:
@@ -433,11 +554,14 @@ def _local_path(location: str) -> Path | None:
     return Path(location).expanduser()
 
 
-def _strip_paths(message: str, *paths: Path) -> str:
-    # The converter names its working files; the user knows the tarball by its URL.
-    for path in paths:
-        message = message.replace(str(path.parent) + os.sep, '')
-    return message
+def _about_tarball(message: str, location: str, tarball: Path, out: Path) -> str:
+    """The converter's message about the tarball as the user knows it: by its URL (the downloaded copy may be
+    gone), and a member by `<URL>:<member>` instead of the temporary folder it was unpacked into."""
+    message = message.replace(str(tarball), location)
+    unpacked = re.escape(str(out.parent)) + r'/[^ ]*?/source/[^/ ]+/'
+    message = re.sub(unpacked, lambda _: f'{location}:', message)
+    message = message.replace(str(out.parent) + os.sep, '')
+    return message if message.startswith(location) else f'{location}: {message}'
 
 
 def _check_known(variant: str, tag: str) -> None:

@@ -1,15 +1,22 @@
 """Fetch one file over HTTP(S) the way a large checkpoint must be fetched: streamed to `<dest>.part` with a
 progress bar, resumed with a Range request after a dropped connection (also in a later process), retried with
-backoff on 5xx answers and network errors, its length checked, and the `X-Goog-Hash` (crc32c and md5) that the
-Google Cloud Storage bucket sends verified. Only a complete, verified file is renamed to `dest`.
+backoff on 5xx answers and network errors, bounded in time, its length checked, and its content verified against
+what is known of it: a pinned sha256 and size, and the `X-Goog-Hash` (crc32c, and md5 where sent) that the Google
+Cloud Storage bucket sends for the whole object. Only a complete, verified file is renamed to `dest`.
+
+Time bounds (environment variables; a download past them fails in one line naming the URL and what was received,
+and keeps its `.part` for the next call only when bytes arrived):
+    EFFNET_TIMM_DOWNLOAD_DEADLINE_S     total seconds for one download, retries included (default 21600: 6 h)
+    EFFNET_TIMM_DOWNLOAD_MIN_BPS        minimum bytes per second, averaged over each window (default 16384; 0: off)
+    EFFNET_TIMM_DOWNLOAD_RATE_WINDOW_S  the window the minimum throughput is measured over (default 60)
+    EFFNET_TIMM_DOWNLOAD_ATTEMPTS       attempts on transient failures (default 5)
 
 Stdlib urllib only (it honours http(s)_proxy); the one error type is `DownloadError`, one line naming the URL.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
+import errno
 import http.client
 import json
 import logging
@@ -21,17 +28,20 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-import crc32c
-
 from ..errors import InputError, PretrainedWeightsError
+from .integrity import digest_file
 
-__all__ = ['DownloadError', 'Downloaded', 'download', 'parse_goog_hash']
+__all__ = ['ENV_ALLOW_UNVERIFIED', 'DownloadError', 'Downloaded', 'download', 'parse_goog_hash']
 
 _logger = logging.getLogger(__name__)
 
+ENV_ALLOW_UNVERIFIED = 'EFFNET_TIMM_ALLOW_UNVERIFIED'  # =1: accept an unpinned file that comes without X-Goog-Hash
 CONNECT_TIMEOUT_S = 20.0
 READ_TIMEOUT_S = 60.0  # the longest silence tolerated mid-body before the attempt counts as dropped
 ATTEMPTS = 5  # EFFNET_TIMM_DOWNLOAD_ATTEMPTS overrides
+DEADLINE_S = 6 * 3600.0  # EFFNET_TIMM_DOWNLOAD_DEADLINE_S overrides: an L2 tarball at a slow 1 MB/s fits
+MIN_BPS = 16 * 1024.0  # EFFNET_TIMM_DOWNLOAD_MIN_BPS overrides: a trickle that keeps a connection alive is refused
+RATE_WINDOW_S = 60.0  # EFFNET_TIMM_DOWNLOAD_RATE_WINDOW_S overrides
 BACKOFF_S = 1.0  # waits 1, 2, 4, 8 s between attempts (capped at BACKOFF_MAX_S)
 BACKOFF_MAX_S = 30.0
 _CHUNK = 1 << 20
@@ -54,7 +64,19 @@ class Downloaded:
     md5: str
     goog_hash: dict[str, str]  # what X-Goog-Hash said (and was verified against); empty when not sent
     requests: int  # HTTP requests made (1 for a clean download)
-    resumed: bool  # whether some bytes came from an earlier, interrupted attempt
+    resumed: bool  # whether the file kept bytes of an earlier request (a 206 answer, or a complete `.part`)
+
+
+@dataclass
+class _Limits:
+    attempts: int
+    deadline_s: float
+    min_bps: float
+    window_s: float
+    started: float
+
+    def left(self) -> float:
+        return self.deadline_s - (time.monotonic() - self.started)
 
 
 def parse_goog_hash(values) -> dict[str, str]:
@@ -69,30 +91,61 @@ def parse_goog_hash(values) -> dict[str, str]:
 
 
 def download(
-    url: str, dest: Path, progress: bool | None = None, attempts: int | None = None, desc: str | None = None
+    url: str,
+    dest: Path,
+    progress: bool | None = None,
+    attempts: int | None = None,
+    desc: str | None = None,
+    *,
+    sha256: str | None = None,
+    size: int | None = None,
+    require_hash: bool = False,
+    keep_partial: bool = True,
 ) -> Downloaded:
     """Download `url` to `dest` (atomically); resume a `<dest>.part` left by an interrupted earlier call.
 
-    progress: None shows the bar only when stderr is a terminal, False never.
+    Args:
+        progress: None shows the bar only when stderr is a terminal, False never.
+        sha256, size: what the file must be (a pin); checked whatever the server says.
+        require_hash: without a `sha256`, refuse a server that sends no `X-Goog-Hash` crc32c for the file (the
+            message names `EFFNET_TIMM_ALLOW_UNVERIFIED`, the caller's opt-in to accept such a mirror).
+        keep_partial: keep a `.part` that received bytes for a later call to resume (False: a caller whose folder
+            goes anyway; no message then names it).
     """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DownloadError(f'{err.filename or dest.parent}: cannot write ({err.strerror or err})') from None
     part, meta_path = dest.with_name(dest.name + '.part'), dest.with_name(dest.name + '.part.json')
-    attempts = attempts or _attempts_from_env()
-    state = _PartState(part, meta_path)
-    resumed = state.size > 0
+    limits = _Limits(
+        attempts or _attempts_from_env(),
+        _float_env('EFFNET_TIMM_DOWNLOAD_DEADLINE_S', DEADLINE_S, minimum=1e-3),
+        _float_env('EFFNET_TIMM_DOWNLOAD_MIN_BPS', MIN_BPS, minimum=0.0),
+        _float_env('EFFNET_TIMM_DOWNLOAD_RATE_WINDOW_S', RATE_WINDOW_S, minimum=1e-3),
+        time.monotonic(),
+    )
+    expect = _Expect(sha256.lower() if sha256 else None, size, require_hash)
+    state = _PartState(part, meta_path, keep_partial)
     requests = 0
     # Killed after the last byte but before the rename: verify what is there instead of asking for nothing (416).
     headers = state.complete(url)
+    result = None
     if headers is not None:
         try:
-            result = _verify(url, part, headers)
+            result = _verify(url, part, headers, expect)
         except DownloadError:
             state.discard()
             headers = None
     if headers is None:
-        headers, result, requests = _fetch_with_retries(url, dest, state, progress, attempts, desc)
+        try:
+            headers, result, requests = _fetch_with_retries(url, dest, state, progress, limits, desc, expect)
+        except BaseException:
+            if not keep_partial:
+                state.discard()
+            raise
     os.replace(part, dest)
+    resumed = bool(state.meta.get('resumed')) or requests == 0
     meta_path.unlink(missing_ok=True)
     return Downloaded(dest, result[0], result[1], result[2], headers.goog_hash, requests, resumed)
 
@@ -110,33 +163,82 @@ def _attempts_from_env() -> int:
     return attempts
 
 
+def _float_env(name: str, default: float, minimum: float) -> float:
+    value = os.environ.get(name, '').strip()
+    if not value:
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        number = float('nan')
+    if not number >= minimum or number == float('inf'):
+        raise InputError(f'{name}={value!r}: expected a number of at least {minimum:g}')
+    return number
+
+
+@dataclass
+class _Expect:
+    sha256: str | None
+    size: int | None
+    require_hash: bool
+
+
 def _fetch_with_retries(
-    url: str, dest: Path, state: _PartState, progress: bool | None, attempts: int, desc: str | None
+    url: str,
+    dest: Path,
+    state: _PartState,
+    progress: bool | None,
+    limits: _Limits,
+    desc: str | None,
+    expect: _Expect,
 ):
     """(headers, verified (size, sha256, md5), requests made) of a fresh or resumed download into the `.part`."""
     requests = 0
     last_reason = ''
-    for attempt in range(attempts):
+    for attempt in range(limits.attempts):
         if attempt:
-            wait = min(BACKOFF_S * 2 ** (attempt - 1), BACKOFF_MAX_S)
-            _logger.info('%s: %s; retrying in %.0f s (attempt %d of %d)', url, last_reason, wait, attempt + 1, attempts)
+            wait = min(BACKOFF_S * 2 ** (attempt - 1), BACKOFF_MAX_S, max(limits.left(), 0.0))
+            _logger.info(
+                '%s: %s; retrying in %.0f s (attempt %d of %d)', url, last_reason, wait, attempt + 1, limits.attempts
+            )
             time.sleep(wait)
+        if limits.left() <= 0:
+            raise _past_deadline(url, state, limits, last_reason)
         requests += 1
         try:
-            headers = _fetch_into(url, state, progress, desc or dest.name)
+            headers = _fetch_into(url, state, progress, desc or dest.name, limits, expect)
             break
         except _Retry as err:
             last_reason = str(err)
     else:
+        spent = time.monotonic() - limits.started
         raise DownloadError(
-            f'cannot download {url}: {last_reason} (gave up after {attempts} attempts; '
-            f'the partial file {state.part} is kept and resumed next time)'
+            f'cannot download {url}: {last_reason} (gave up after {limits.attempts} attempts in {spent:.0f} s'
+            f'{_kept(state)})'
         )
     try:
-        return headers, _verify(url, state.part, headers), requests
+        return headers, _verify(url, state.part, headers, expect), requests
     except DownloadError:
         state.discard()
         raise
+
+
+def _kept(state: _PartState) -> str:
+    """'; the partial file … is kept' when bytes arrived (the `.part` is then resumed next time); else it goes."""
+    if state.keep and state.size > 0 and state.meta:
+        return f'; the partial file {state.part} ({state.size} bytes) is kept and resumed next time'
+    state.discard()
+    return ''
+
+
+def _past_deadline(url: str, state: _PartState, limits: _Limits, why: str = '') -> DownloadError:
+    total = state.meta.get('total')
+    of = f' of {total}' if isinstance(total, int) else ''
+    last = f'; last: {why}' if why else ''
+    return DownloadError(
+        f'cannot download {url}: not finished within EFFNET_TIMM_DOWNLOAD_DEADLINE_S={limits.deadline_s:g} s '
+        f'({state.size}{of} bytes received{last}{_kept(state)})'
+    )
 
 
 @dataclass
@@ -148,8 +250,8 @@ class _Headers:
 class _PartState:
     """`<dest>.part` and, beside it, what identifies the remote file its bytes came from (to resume safely)."""
 
-    def __init__(self, part: Path, meta_path: Path):
-        self.part, self.meta_path = part, meta_path
+    def __init__(self, part: Path, meta_path: Path, keep: bool = True):
+        self.part, self.meta_path, self.keep = part, meta_path, keep
         self.meta: dict[str, object] = {}
         if part.exists():
             try:
@@ -171,12 +273,25 @@ class _PartState:
         value = self.meta.get('etag') or self.meta.get('last_modified')
         return value if isinstance(value, str) and value else None
 
+    def recorded_hash(self) -> dict[str, str]:
+        value = self.meta.get('goog_hash')
+        return {k: v for k, v in value.items() if k in ('crc32c', 'md5') and isinstance(v, str)} if value else {}
+
     def start(
         self, url: str, etag: str | None, last_modified: str | None, total: int, goog_hash: dict[str, str]
     ) -> None:
-        # goog_hash too: a `.part` that is already complete is verified against it without asking again.
+        # goog_hash of the first answer: a resumed answer must say the same, and the whole file is checked against it.
         self.meta = dict(url=url, etag=etag, last_modified=last_modified, total=total, goog_hash=goog_hash)
-        self.meta_path.write_text(json.dumps(self.meta))
+        self._save()
+
+    def mark_resumed(self) -> None:
+        self.meta['resumed'] = True
+        self._save()
+
+    def _save(self) -> None:
+        tmp = self.meta_path.with_name(self.meta_path.name + '.tmp')
+        tmp.write_text(json.dumps(self.meta))
+        os.replace(tmp, self.meta_path)
 
     def complete(self, url: str) -> _Headers | None:
         """The headers recorded for `url` when the `.part` already holds all its bytes, else None."""
@@ -189,7 +304,7 @@ class _PartState:
             or not isinstance(goog_hash, dict)
         ):
             return None
-        return _Headers(total, {k: v for k, v in goog_hash.items() if k in ('crc32c', 'md5') and isinstance(v, str)})
+        return _Headers(total, self.recorded_hash())
 
     def discard(self) -> None:
         self.part.unlink(missing_ok=True)
@@ -197,16 +312,18 @@ class _PartState:
         self.meta = {}
 
 
-def _fetch_into(url: str, state: _PartState, progress: bool | None, desc: str) -> _Headers:
+def _fetch_into(
+    url: str, state: _PartState, progress: bool | None, desc: str, limits: _Limits, expect: _Expect
+) -> _Headers:
     offset = state.size if state.meta.get('url') == url and state.validator() else 0
-    if offset == 0 and state.size:
+    if offset == 0 and (state.size or state.meta):
         state.discard()
     request = urllib.request.Request(url, headers={'User-Agent': _USER_AGENT, 'Accept-Encoding': 'identity'})
     if offset:
         request.add_header('Range', f'bytes={offset}-')
         request.add_header('If-Range', state.validator())
     try:
-        response = urllib.request.urlopen(request, timeout=CONNECT_TIMEOUT_S)
+        response = urllib.request.urlopen(request, timeout=min(CONNECT_TIMEOUT_S, max(limits.left(), 1e-3)))
     except urllib.error.HTTPError as err:
         err.close()
         if err.code == 416 and offset:  # asked past the end: the bytes kept do not match the file; start over
@@ -217,18 +334,22 @@ def _fetch_into(url: str, state: _PartState, progress: bool | None, desc: str) -
         state.discard()
         raise DownloadError(f'cannot download {url}: HTTP {err.code} {err.reason}') from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
+        reason = getattr(err, 'reason', None)
+        if isinstance(reason, socket.gaierror) or isinstance(err, socket.gaierror):
+            # A name that does not resolve stays so for the next seconds: no retries, no partial file named.
+            raise DownloadError(f'cannot download {url}: {_reason(err)} (the host name does not resolve)') from None
         raise _Retry(_reason(err)) from None
     with response:
-        _set_read_timeout(response)
-        total, offset = _range_of(url, response, offset, state)
-        headers = _Headers(total, parse_goog_hash(response.headers.get_all('X-Goog-Hash')))
-        _stream(url, response, state, offset, total, progress, desc)
-    return headers
+        _set_read_timeout(response, limits)
+        total, offset = _range_of(url, response, offset, state, expect)
+        _stream(url, response, state, offset, total, progress, desc, limits)
+    return _Headers(total, state.recorded_hash())
 
 
-def _range_of(url: str, response, offset: int, state: _PartState):
+def _range_of(url: str, response, offset: int, state: _PartState, expect: _Expect):
     """(total size, offset the body starts at), and (re)start the `.part` file on a full answer."""
     length = response.headers.get('Content-Length')
+    goog_hash = parse_goog_hash(response.headers.get_all('X-Goog-Hash'))
     if response.status == 206:
         content_range = response.headers.get('Content-Range', '')
         try:
@@ -240,30 +361,59 @@ def _range_of(url: str, response, offset: int, state: _PartState):
         if start != offset:
             state.discard()
             raise _Retry(f'the server resumed at byte {start}, not {offset}')
+        if goog_hash != state.recorded_hash() or total != state.meta.get('total'):
+            # The rest must come from the object the first bytes came from: the hash that will check the whole file
+            # is the first answer's, and a resumed answer that says otherwise (or nothing) starts the file over.
+            state.discard()
+            raise _Retry(
+                f'the resumed answer describes another file (X-Goog-Hash {goog_hash or "absent"}, '
+                f'first answer {state.recorded_hash() or "absent"}); restarting from byte 0'
+            )
+        state.mark_resumed()
         return total, offset
     if response.status != 200:
         raise DownloadError(f'cannot download {url}: HTTP {response.status} {response.reason}')
     if length is None:  # a length is what tells a complete body from a dropped one
         raise DownloadError(f'cannot download {url}: the server sent no Content-Length')
-    state.part.write_bytes(b'')
-    state.start(
-        url,
-        response.headers.get('ETag'),
-        response.headers.get('Last-Modified'),
-        int(length),
-        parse_goog_hash(response.headers.get_all('X-Goog-Hash')),
-    )
+    if expect.size is not None and int(length) != expect.size:
+        raise DownloadError(
+            f'cannot download {url}: the server announces {int(length)} bytes, the pinned file has {expect.size}'
+        )
+    if expect.sha256 is None and expect.require_hash and 'crc32c' not in goog_hash:
+        raise DownloadError(
+            f'cannot download {url}: the server sends no X-Goog-Hash to check the file against and no sha256 is '
+            f'pinned for it; set {ENV_ALLOW_UNVERIFIED}=1 to accept this mirror unverified'
+        )
+    try:
+        state.part.write_bytes(b'')
+        state.start(url, response.headers.get('ETag'), response.headers.get('Last-Modified'), int(length), goog_hash)
+    except OSError as err:
+        state.discard()
+        raise DownloadError(f'{err.filename or state.part}: cannot write ({err.strerror or err})') from None
     return int(length), 0
 
 
-def _stream(url: str, response, state: _PartState, offset: int, total: int, progress: bool | None, desc: str) -> None:
+def _stream(
+    url: str,
+    response,
+    state: _PartState,
+    offset: int,
+    total: int,
+    progress: bool | None,
+    desc: str,
+    limits: _Limits,
+) -> None:
     from tqdm import tqdm
 
     received = offset
     try:
-        # Unbuffered appends and read1: what was received is on disk, so a killed process resumes from it.
+        out = open(state.part, 'ab', buffering=0)  # unbuffered appends: a killed process resumes from what is on disk
+    except OSError as err:  # a permission problem is not a dropped connection: one line at once
+        raise DownloadError(f'{state.part}: cannot write ({err.strerror or err})') from None
+    window_start, window_bytes = time.monotonic(), received
+    try:
         with (
-            open(state.part, 'ab', buffering=0) as out,
+            out,
             tqdm(
                 total=total,
                 initial=offset,
@@ -282,7 +432,21 @@ def _stream(url: str, response, state: _PartState, offset: int, total: int, prog
                 _write(out, chunk, state)
                 received += len(chunk)
                 bar.update(len(chunk))
+                now = time.monotonic()
+                if limits.left() <= 0 and received < total:
+                    raise _past_deadline(url, state, limits)
+                if now - window_start >= limits.window_s:
+                    rate = (received - window_bytes) / (now - window_start)
+                    if rate < limits.min_bps:
+                        raise DownloadError(
+                            f'cannot download {url}: {rate:.0f} bytes/s over the last {now - window_start:.0f} s, '
+                            f'below EFFNET_TIMM_DOWNLOAD_MIN_BPS={limits.min_bps:g} ({received} of {total} bytes '
+                            f'received{_kept(state)})'
+                        )
+                    window_start, window_bytes = now, received
     except (OSError, http.client.HTTPException) as err:  # dropped connection, read timeout
+        if limits.left() <= 0:
+            raise _past_deadline(url, state, limits, _reason(err)) from None
         raise _Retry(f'{_reason(err)} after {received} of {total} bytes') from None
     if received != total:  # http.client ends a short body silently when the server closes early
         raise _Retry(f'connection closed after {received} of {total} bytes')
@@ -297,37 +461,43 @@ def _write(out, chunk: bytes, state: _PartState) -> None:
         raise DownloadError(f'{state.part}: cannot write ({err.strerror or err})') from None
 
 
-def _verify(url: str, part: Path, headers: _Headers):
+def _verify(url: str, part: Path, headers: _Headers, expect: _Expect):
+    """(size, sha256, md5) of the complete `.part`, checked against the pin and the first answer's X-Goog-Hash."""
     size = part.stat().st_size
     if size != headers.total:
         raise DownloadError(f'cannot download {url}: {size} bytes on disk, the server announced {headers.total}')
-    sha256, md5, crc = hashlib.sha256(), hashlib.md5(), 0
-    with open(part, 'rb') as f:
-        while chunk := f.read(_CHUNK):
-            sha256.update(chunk)
-            md5.update(chunk)
-            crc = crc32c.crc32c(chunk, crc)
-    found = {
-        'md5': base64.b64encode(md5.digest()).decode(),
-        'crc32c': base64.b64encode(crc.to_bytes(4, 'big')).decode(),
-    }
+    found = digest_file(part, ('sha256', 'md5', 'md5_b64', 'crc32c'))
     for name, expected in headers.goog_hash.items():
-        if found[name] != expected:
+        actual = found['md5_b64' if name == 'md5' else name]
+        if actual != expected:
             raise DownloadError(
-                f'cannot download {url}: {name} of the {size} bytes received is {found[name]}, '
+                f'cannot download {url}: {name} of the {size} bytes received is {actual}, '
                 f'X-Goog-Hash says {expected} (corrupted in transit or replaced); nothing kept'
             )
-    return size, sha256.hexdigest(), md5.hexdigest()
+    if expect.sha256 is not None and found['sha256'] != expect.sha256:
+        raise DownloadError(
+            f'cannot download {url}: sha256 of the {size} bytes received is {found["sha256"]}, expected '
+            f'{expect.sha256}; nothing kept'
+        )
+    if expect.sha256 is None and expect.require_hash and 'crc32c' not in headers.goog_hash:
+        raise DownloadError(
+            f'cannot download {url}: no X-Goog-Hash was recorded to check the file against and no sha256 is pinned '
+            f'for it; set {ENV_ALLOW_UNVERIFIED}=1 to accept this mirror unverified; nothing kept'
+        )
+    return size, found['sha256'], found['md5']
 
 
-def _set_read_timeout(response) -> None:
-    # urllib applies one timeout to connecting; reading a large body may need a different patience.
+def _set_read_timeout(response, limits: _Limits) -> None:
+    # urllib applies one timeout to connecting; reading a large body may need a different patience, and never
+    # more than the deadline or the throughput window leaves.
     sock = getattr(getattr(getattr(response, 'fp', None), 'raw', None), '_sock', None)
     if isinstance(sock, socket.socket):
-        sock.settimeout(READ_TIMEOUT_S)
+        sock.settimeout(max(min(READ_TIMEOUT_S, limits.window_s, limits.left()), 1e-3))
 
 
 def _reason(err: BaseException) -> str:
     reason = getattr(err, 'reason', None) or err
     text = ' '.join(str(reason).split()) or type(err).__name__
+    if isinstance(reason, OSError) and reason.errno == errno.ECONNREFUSED:
+        return f'connection refused ({text})'
     return text if not isinstance(reason, (socket.timeout, TimeoutError)) else f'timed out ({text})'

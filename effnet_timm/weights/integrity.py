@@ -9,6 +9,7 @@ needs neither TensorFlow nor the converter.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from collections.abc import Sequence
@@ -17,24 +18,51 @@ from typing import Any
 
 from ..errors import InputError
 
-__all__ = ['CONFIG_NAME', 'file_digests', 'sha256_file', 'verify_folder']
+__all__ = ['CONFIG_NAME', 'digest_file', 'file_digests', 'sha256_file', 'verify_folder']
 
 CONFIG_NAME = 'config.json'
 _CHUNK = 1 << 20  # 1 MiB reads: large enough that hashing, not the syscalls, sets the speed
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes, read in chunks (memory stays flat for multi-GB files)."""
-    digest = hashlib.sha256()
+def digest_file(path: Path, algorithms: Sequence[str] = ('sha256',)) -> dict[str, str]:
+    """The digests of a file's bytes in one pass, read in chunks (memory stays flat for multi-GB files).
+
+    'sha256', 'md5' and 'git_blob' (git's object id) give hex; 'md5_b64' and 'crc32c' the base64 form of Google
+    Cloud Storage's `X-Goog-Hash`. The one place the project hashes files: the cache, the downloader, the converter
+    and the Hub publisher all call it."""
+    hashers = {
+        name: hashlib.new(name) for name in ('sha256', 'md5') if name in algorithms or f'{name}_b64' in algorithms
+    }
+    if 'git_blob' in algorithms:  # the git object id the Hub reports for regular files
+        hashers['git_blob'] = hashlib.sha1(b'blob %d\0' % Path(path).stat().st_size)
+    crc = 0 if 'crc32c' in algorithms else None
+    if crc is not None:
+        import crc32c
     buffer = bytearray(_CHUNK)
     view = memoryview(buffer)
     with open(path, 'rb') as f:
-        while True:
-            n = f.readinto(buffer)
-            if not n:
-                break
-            digest.update(view[:n])
-    return digest.hexdigest()
+        while n := f.readinto(buffer):
+            chunk = view[:n]
+            for hasher in hashers.values():
+                hasher.update(chunk)
+            if crc is not None:
+                crc = crc32c.crc32c(chunk, crc)
+    found: dict[str, str] = {}
+    for name in algorithms:
+        if name in hashers:
+            found[name] = hashers[name].hexdigest()
+        elif name.endswith('_b64'):
+            found[name] = base64.b64encode(hashers[name[:-4]].digest()).decode()
+        elif name == 'crc32c':
+            found[name] = base64.b64encode(crc.to_bytes(4, 'big')).decode()
+        else:
+            raise ValueError(f'unknown digest {name!r}')
+    return found
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    return digest_file(path)['sha256']
 
 
 def file_digests(folder: Path, names: Sequence[str] = ('model.safetensors',)) -> dict[str, dict[str, Any]]:

@@ -269,7 +269,7 @@ def test_random_official_checkpoint_matches_keras(tmp_path, tf, variant):
     from effnet_convert.tf_reference import keras_logits, load_official_variables
 
     prefix = _random_official_checkpoint(tf, variant, tmp_path / 'ckpt' / 'model.ckpt')
-    result = convert(str(prefix), tmp_path / 'out', variant=variant)  # loads strictly or raises
+    result = convert(str(prefix), tmp_path / 'out', variant=variant, tag='none')  # loads strictly or raises
     assert result.architecture.variant == variant and result.ema_used
     images = np.random.default_rng(1).standard_normal((2, KERAS_SIZE, KERAS_SIZE, 3)).astype(np.float32)
     variables, scope = load_official_variables(str(prefix), ema=True)
@@ -284,7 +284,7 @@ def test_random_official_checkpoint_matches_keras(tmp_path, tf, variant):
 @pytest.mark.parametrize('variant', ['effnet_v1_b8', pytest.param('effnet_v1_l2', marks=pytest.mark.slow)])
 def test_random_official_checkpoint_of_the_largest_variants_loads_strictly(tmp_path, tf, variant):
     prefix = _random_official_checkpoint(tf, variant, tmp_path / 'ckpt' / 'model.ckpt')
-    result = convert(str(prefix), tmp_path / 'out')
+    result = convert(str(prefix), tmp_path / 'out', tag='none')
     assert result.architecture.variant == variant and result.ema_used
     with torch.device('meta'):
         expected = sum(p.numel() for p in timm.create_model(variant).parameters())

@@ -341,7 +341,7 @@ def test_members_a_checkpoint_does_not_need_are_not_unpacked(tmp_path, monkeypat
     archive = _tar(tmp_path / 'efficientnet-tiny.tar.gz', files)
     seen = []
     extract = sources._extract
-    monkeypatch.setattr(sources, '_extract', lambda a, w: seen.append(extract(a, w)) or seen[-1])
+    monkeypatch.setattr(sources, '_extract', lambda a, w, *cap: seen.append(extract(a, w, *cap)) or seen[-1])
     resolved = sources.resolve_source(str(archive), tmp_path / 'work')
     assert sorted(p.name for p in seen[0].rglob('*') if p.is_file()) == [
         'checkpoint',

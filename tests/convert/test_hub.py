@@ -38,7 +38,8 @@ STEP_TIMEOUT_S = 300
 LOAD = """
 import numpy as np, torch, timm, effnet_timm
 
-def load(inputs, out, names, cache_dir=None):
+def load(inputs, out, names, cache_dir=None, prelude=''):
+    exec(prelude, {})  # e.g. a Hub pin added to TAGS, as a maintainer would after a publish
     x = torch.from_numpy(np.load(inputs)).permute(0, 3, 1, 2)
     for i, name in enumerate(names):
         model = timm.create_model(name, pretrained=True, cache_dir=cache_dir).eval()
@@ -112,11 +113,12 @@ class Client:
     def cli(self, *argv: str, token: str | None = TOKEN) -> subprocess.CompletedProcess:
         return self._step(dict(argv=list(argv)), token)
 
-    def load(self, cache: Path, inputs: Path, *names: str) -> list[np.ndarray]:
+    def load(self, cache: Path, inputs: Path, *names: str, prelude: str = '') -> list[np.ndarray]:
         """Logits of each name, with the Hub cache in `cache`."""
         out = self.home / f'logits-{self.steps}'
         out.mkdir()
-        proc = self._step(dict(load=dict(inputs=str(inputs), out=str(out), names=names, cache_dir=str(cache))), TOKEN)
+        load = dict(inputs=str(inputs), out=str(out), names=names, cache_dir=str(cache), prelude=prelude)
+        proc = self._step(dict(load=load), TOKEN)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return [np.load(out / f'{i}.npy') for i in range(len(names))]
 
@@ -396,14 +398,28 @@ def test_publish_family_resumes_where_it_stopped(family):
 
 
 @pytest.mark.oracle
-def test_registered_tag_and_hf_hub_name_load_the_published_b0(client, family, tmp_path):
+def test_registered_tag_and_hf_hub_name_load_the_published_b0(client, hub, family, tmp_path):
+    """`hf-hub:` names the repo (the user's choice); the registered tag takes it only once pinned, with the pin that
+    `effnet-convert push` prints."""
     b0, folder, *_ = family
+    proc = client.cli('push', str(folder))  # up to date: no new commit, but the pin line
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (pin,) = [line for line in proc.stdout.splitlines() if line.startswith('pin: ')]
+    head = hub.commits(f'{HUB_ORG}/effnet_v1_b0.aa_in1k')[-1].oid
+    sha256 = json.loads((folder / 'config.json').read_text())['effnet_timm']['files']['model.safetensors']['sha256']
+    assert "TAGS['aa_in1k'].hub_pins" in pin and f"'effnet_v1_b0': HubPin('{head}', '{sha256}')" in pin, pin
+    entry = pin.split(': ', 2)[2]
+    prelude = (
+        'import dataclasses\nfrom effnet_timm.weights.tags import TAGS, HubPin\n'
+        f"TAGS['aa_in1k'] = dataclasses.replace(TAGS['aa_in1k'], hub_pins={{{entry}}})\n"
+    )
     registered, by_config, local = client.load(
         tmp_path / 'cache',
         b0 / 'inputs.npy',
         'effnet_v1_b0.aa_in1k',
         f'hf-hub:{HUB_ORG}/effnet_v1_b0.aa_in1k',
         f'local-dir:{folder}',
+        prelude=prelude,
     )
     np.testing.assert_array_equal(registered, by_config)
     np.testing.assert_array_equal(registered, local)

@@ -18,8 +18,9 @@ import pytest
 from conftest import TINY_CKPT
 
 from effnet_convert.errors import CheckpointError
-from effnet_convert.sources import resolve_source, sha256_file
+from effnet_convert.sources import resolve_source
 from effnet_convert.tf_bundle import TensorBundle
+from effnet_timm.weights.integrity import sha256_file
 
 TINY = TINY_CKPT.parent
 INDEX, DATA = 'model.ckpt.index', 'model.ckpt.data-00000-of-00001'
@@ -257,7 +258,9 @@ def test_url(tmp_path: Path, served: tuple[str, str]) -> None:
 
 def test_url_sha256_mismatch_leaves_nothing(tmp_path: Path, served: tuple[str, str]) -> None:
     url = f'{served[0]}/noisy_student_efficientnet-b1.tar.gz'
-    with pytest.raises(CheckpointError, match=f'{url}: sha256 mismatch'):
+    with pytest.raises(
+        CheckpointError, match=f'{url}: sha256 of the .* bytes received is .*, expected 0+; nothing kept'
+    ):
         resolve_source(url, tmp_path, expected_sha256='0' * 64)
     assert list(tmp_path.iterdir()) == []
 
@@ -269,7 +272,8 @@ def test_url_not_found(tmp_path: Path, served: tuple[str, str]) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def test_url_unreachable(tmp_path: Path) -> None:
+def test_url_unreachable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv('EFFNET_TIMM_DOWNLOAD_ATTEMPTS', '1')
     with socket.socket() as probe:  # a port that was just free, so nothing listens there
         probe.bind(('127.0.0.1', 0))
         port = probe.getsockname()[1]
@@ -284,3 +288,42 @@ def test_url_unreachable(tmp_path: Path) -> None:
 def test_url_must_name_a_tarball(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r'only \.tar\.gz, \.tgz or \.tar archives can be downloaded'):
         resolve_source('http://127.0.0.1:9/model.ckpt.index', tmp_path)
+
+
+def test_url_is_fetched_by_the_one_downloader_resumed_and_hash_checked(tmp_path: Path) -> None:
+    """The converter's URL input resumes a dropped connection within the call and checks X-Goog-Hash."""
+    from bucket_server import BucketServer, Fault
+
+    data = official_like_tar(tmp_path / 'src.tar.gz').read_bytes()
+    with BucketServer() as bucket:
+        bucket.files['/noisystudent/noisy_student_efficientnet-b1.tar.gz'] = data
+        url = f'{bucket.root}/noisystudent/noisy_student_efficientnet-b1.tar.gz'
+        bucket.faults['/noisystudent/noisy_student_efficientnet-b1.tar.gz'] = Fault('truncate', after=1000, times=1)
+        resolved = resolve_source(url, tmp_path / 'a')
+        assert resolved.archive_sha256 == hashlib.sha256(data).hexdigest()
+        assert bucket.gets('/noisystudent/noisy_student_efficientnet-b1.tar.gz')[-1].endswith('bytes=1000-')
+        assert_tiny_tensors(resolved.prefix)
+        bucket.faults['/noisystudent/noisy_student_efficientnet-b1.tar.gz'] = Fault('bad_hash', times=1)
+        with pytest.raises(CheckpointError, match='X-Goog-Hash') as info:
+            resolve_source(url, tmp_path / 'b')
+    assert '\n' not in str(info.value) and '.part' not in str(info.value)
+    assert list((tmp_path / 'b').iterdir()) == []
+
+
+def test_unpacked_size_is_bounded_by_what_the_variant_can_hold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The expansion cap does not come only from sizes the (untrusted) archive declares about itself: with an
+    expected variant, what that variant can hold (parameters x 4 bytes x raw, EMA and optimizer slots) bounds it."""
+    import effnet_convert.sources as sources
+    from effnet_convert.converter import _unpack_cap, convert
+
+    archive = official_like_tar(tmp_path / 'efficientnet-b0.tar.gz', 'efficientnet-b0')
+    with pytest.raises(CheckpointError, match='more than the 1000 that the expected variant can hold'):
+        resolve_source(str(archive), tmp_path / 'work', max_unpacked=1000)
+    assert list((tmp_path / 'work').iterdir()) == []
+    caps = []
+    check = sources._check_expansion
+    monkeypatch.setattr(sources, '_check_expansion', lambda *args: caps.append(args[-1]) or check(*args))
+    with pytest.raises(CheckpointError, match='disagrees|effnet_v1_b0'):
+        convert(str(archive), tmp_path / 'out', variant='effnet_v1_b0', tag='none')
+    b0_numel = 5_288_548 + 42_560  # parameters + BatchNorm statistics
+    assert caps == [_unpack_cap('effnet_v1_b0')] and 16 * b0_numel < caps[0] < 17 * b0_numel + (16 << 20)

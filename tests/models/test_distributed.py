@@ -1,10 +1,11 @@
 """DDP and FSDP2 (2 ranks, gloo, CPU) compute the gradients of the same micro-batches run in one process.
 
 One `torchrun` launch runs every configuration (this file is also the worker script: `python -m
-torch.distributed.run ... tests/test_distributed.py OUT`); the test process computes the reference without any
+torch.distributed.run ... tests/models/test_distributed.py OUT`); the test process computes the reference without any
 distributed code: the same initial weights, each rank's micro-batch run on its own (BatchNorm uses per-micro-batch
 statistics under DDP and FSDP), the gradients averaged over the micro-batches. Dropout and stochastic depth stay
-on, seeded per micro-batch identically on both sides.
+on, seeded per micro-batch identically on both sides. The reference is never checkpointed: a checkpointed
+configuration must leave the BatchNorm buffers (updated once) and the gradients of a plain step.
 """
 
 from __future__ import annotations
@@ -21,18 +22,24 @@ from torchrun_util import failure_report, free_port, loopback_env
 WORLD = 2
 BATCH, SIZE, CLASSES = 4, 64, 10  # per rank; 64 px leaves a 2x2 map at the head, enough for batch statistics
 MODEL = dict(width_coefficient=0.25, depth_coefficient=0.25, num_classes=CLASSES, drop_rate=0.2, drop_path_rate=0.2)
-# name: (wrapper, FSDP2 unit, gradient checkpointing). The default (memory-lean) training path is on in all.
-CONFIGS: dict[str, tuple[str, str, bool]] = {
-    'ddp': ('ddp', '', False),
-    'ddp_ckpt': ('ddp', '', True),
-    'fsdp2_stage': ('fsdp2', 'stage', False),  # the usual FSDP2 recipe: one unit per stage, then the root
-    'fsdp2_block_ckpt': ('fsdp2', 'block', True),
-    'fsdp2_stage_ckpt': ('fsdp2', 'stage', True),
+# name: (wrapper, FSDP2 unit, gradient checkpointing per '' / 'block' / 'stage', BatchNorm: 'ours' or 'syncbn'
+# (timm's convert_sync_batchnorm, then a plain BatchNorm2d stand-in for each SyncBatchNorm: its synchronised
+# forward needs CUDA)). The default (memory-lean) training path is on in all.
+CONFIGS: dict[str, tuple[str, str, str, str]] = {
+    'ddp': ('ddp', '', '', 'ours'),
+    'ddp_ckpt': ('ddp', '', 'block', 'ours'),
+    'ddp_stage_ckpt': ('ddp', '', 'stage', 'ours'),
+    'ddp_syncbn_ckpt': ('ddp', '', 'block', 'syncbn'),
+    'fsdp2_stage': ('fsdp2', 'stage', '', 'ours'),  # the usual FSDP2 recipe: one unit per stage, then the root
+    'fsdp2_block_ckpt': ('fsdp2', 'block', 'block', 'ours'),
+    'fsdp2_stage_ckpt': ('fsdp2', 'stage', 'block', 'ours'),
+    'fsdp2_stage_stage_ckpt': ('fsdp2', 'stage', 'stage', 'ours'),
+    'fsdp2_syncbn_stage_ckpt': ('fsdp2', 'stage', 'stage', 'syncbn'),
 }
 SEED = 1000
 
 
-def create_model(checkpointing: bool) -> torch.nn.Module:
+def create_model(checkpointing: str, norm: str = 'ours') -> torch.nn.Module:
     import timm
 
     import effnet_timm  # noqa: F401  (registers effnet_v1)
@@ -40,14 +47,42 @@ def create_model(checkpointing: bool) -> torch.nn.Module:
     model = timm.create_model('effnet_v1', **MODEL)
     # The default under test: memory-lean training (`EffNetV1.memory_efficient`, on unless switched off).
     assert getattr(model, 'memory_efficient', True), 'memory-lean training is not the default'
-    model.set_grad_checkpointing(checkpointing)
+    if norm == 'syncbn':
+        model = batch_norm_stand_in(timm.layers.convert_sync_batchnorm(model))
+    if checkpointing == 'block':
+        model.set_grad_checkpointing(True)
+    elif checkpointing == 'stage':  # each stage checkpointed from outside
+        from effnet_timm.models.recompute import checkpoint
+
+        stages = model.blocks
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            for stage in stages:
+                x = checkpoint(stage, x)
+            return x
+
+        stages.forward = forward
     return model.train()
 
 
-def micro_batch_grads(state: dict, x: torch.Tensor, y: torch.Tensor, rank: int, checkpointing: bool):
-    """One micro-batch in one process: loss, parameter gradients and the BatchNorm buffers after the step."""
-    model = create_model(checkpointing)
+def batch_norm_stand_in(model: torch.nn.Module) -> torch.nn.Module:
+    """Each SyncBatchNorm replaced by a plain BatchNorm2d with its settings (what it computes in one process)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, torch.nn.SyncBatchNorm):
+            plain = torch.nn.BatchNorm2d(module.num_features, module.eps, module.momentum, module.affine)
+            plain.load_state_dict(module.state_dict())
+            parent, _, attr = name.rpartition('.')
+            setattr(model.get_submodule(parent), attr, plain)
+    return model
+
+
+def micro_batch_grads(state: dict, x: torch.Tensor, y: torch.Tensor, rank: int, checkpointing: str, norm: str):
+    """One micro-batch in one process, never checkpointed: loss, parameter gradients and the BatchNorm buffers
+    after the step. Checkpointing computes plain autograd (no recomputed activations), so a checkpointed
+    configuration is compared with a plain-autograd step."""
+    model = create_model('', norm)
     model.load_state_dict(state)
+    model.set_memory_efficient(not checkpointing)
     torch.manual_seed(SEED + rank)
     loss = F.cross_entropy(model(x), y)
     loss.backward()
@@ -85,8 +120,8 @@ def worker(out: Path) -> None:
     assert dist.get_world_size() == WORLD
     state = torch.load(out / 'init.pt')
     x, y = torch.load(out / 'data.pt')
-    for name, (wrapper, unit, checkpointing) in CONFIGS.items():
-        model = create_model(checkpointing)
+    for name, (wrapper, unit, checkpointing, norm) in CONFIGS.items():
+        model = create_model(checkpointing, norm)
         model.load_state_dict(state)
         wrapped = _wrap(model, wrapper, unit)
         torch.manual_seed(SEED + rank)
@@ -128,7 +163,7 @@ def distributed_run(tmp_path_factory):
     """Initial weights, the two micro-batches, and what each rank saw in each configuration."""
     out = tmp_path_factory.mktemp('distributed')
     torch.manual_seed(0)
-    state = create_model(False).state_dict()
+    state = create_model('').state_dict()
     x = torch.randn(WORLD, BATCH, 3, SIZE, SIZE)
     y = torch.randint(0, CLASSES, (WORLD, BATCH))
     torch.save(state, out / 'init.pt')
@@ -139,14 +174,14 @@ def distributed_run(tmp_path_factory):
 
 
 def check_against_one_process(out: Path, name: str, state: dict, x: torch.Tensor, y: torch.Tensor) -> None:
-    _, _, checkpointing = CONFIGS[name]
+    _, _, checkpointing, norm = CONFIGS[name]
     seen = [torch.load(out / f'{name}.rank{rank}.pt') for rank in range(WORLD)]
     for rank, got in enumerate(seen):
         assert 'error' not in got, f'rank {rank}: {got.get("error")}'
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the workers: the same kernels, the same summation order
     try:
-        reference = [micro_batch_grads(state, x[r], y[r], r, checkpointing) for r in range(WORLD)]
+        reference = [micro_batch_grads(state, x[r], y[r], r, checkpointing, norm) for r in range(WORLD)]
     finally:
         torch.set_num_threads(threads)
     expected = {n: (reference[0][1][n] + reference[1][1][n]) / WORLD for n in reference[0][1]}
@@ -159,7 +194,8 @@ def check_against_one_process(out: Path, name: str, state: dict, x: torch.Tensor
             # for 2 ranks. The tolerance in the message says how far off a failure is.
             err = ((got['grads'][pname] - grad).abs().max() / grad.abs().max()).item()
             assert torch.equal(got['grads'][pname], grad), f'rank {rank} {pname}: max relative |Δgrad| {err:.3g}'
-        # BatchNorm running statistics follow the rank's own micro-batch.
+        # BatchNorm running statistics follow the rank's own micro-batch, updated once (also when checkpointed).
+        assert got['buffers'].keys() == reference[rank][2].keys()
         for bname, buf in reference[rank][2].items():
             assert torch.equal(got['buffers'][bname], buf), f'rank {rank} buffer {bname}'
 

@@ -345,3 +345,131 @@ def test_batchnorm_hook_output_is_not_overwritten_by_swish_under_no_grad(half_st
     )
     assert expected.min() < -1.0  # below Swish's minimum (-0.28): an overwrite cannot pass unnoticed
     torch.testing.assert_close(kept['bn'], expected, rtol=1e-5, atol=1e-5)
+
+
+# --- 5. gradient checkpointing leaves BatchNorm buffers as a plain step ---------------------------------
+
+
+def _stages_checkpointed_by_torch(model: torch.nn.Module) -> torch.nn.Module:
+    """Each stage checkpointed from outside by torch's own checkpoint (timm's `checkpoint_seq`)."""
+    from timm.models import checkpoint_seq
+
+    stages = model.blocks
+    stages.forward = lambda x: checkpoint_seq(stages, x)
+    return model
+
+
+def _stages_checkpointed_by_ours(model: torch.nn.Module) -> torch.nn.Module:
+    """Each stage checkpointed from outside by `effnet_timm.models.recompute.checkpoint`."""
+    from effnet_timm.models.recompute import checkpoint
+
+    stages = model.blocks
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        for stage in stages:
+            x = checkpoint(stage, x)
+        return x
+
+    stages.forward = forward
+    return model
+
+
+CHECKPOINTING: dict[str, Callable[[torch.nn.Module], torch.nn.Module]] = {
+    'block': lambda m: (m.set_grad_checkpointing(True), m)[1],  # what timm's train.py --grad-checkpointing sets
+    'stage_torch': _stages_checkpointed_by_torch,
+    'stage_ours': _stages_checkpointed_by_ours,
+}
+
+
+def _train_step(model: torch.nn.Module, x: torch.Tensor) -> tuple[dict, dict]:
+    grads = _grads(model.train(), lambda m: m(x).square().mean())
+    return grads, {n: b.clone() for n, b in model.named_buffers()}
+
+
+@pytest.mark.parametrize('how', list(CHECKPOINTING))
+def test_checkpointed_training_step_leaves_batchnorm_buffers_as_a_plain_step(half_state, how):
+    """The recomputation in backward re-runs every training BatchNorm; it must not update the running statistics
+    a second time. Reference: timm's tf_efficientnet (TF's decay 0.99, momentum 0.01) in a plain step."""
+    ours, theirs = _pair(half_state)
+    for m in theirs.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.momentum = 0.01  # timm keeps PyTorch's 0.1 for tf_* models; TF's (and ours) is 0.01
+    x = _input(64, 64, batch=4)
+    plain = timm.create_model('effnet_v1', **HALF, drop_rate=0.0, drop_path_rate=0.0, memory_efficient=False)
+    plain.load_state_dict(half_state)
+    ref_grads, ref_buffers = _train_step(theirs, x)
+    plain_grads, plain_buffers = _train_step(plain, x)
+    ours.set_memory_efficient(False)  # as checkpointing does (from outside, the stem and head would be lean)
+    grads, buffers = _train_step(CHECKPOINTING[how](ours), x)
+    assert buffers.keys() == ref_buffers.keys()
+    steps = {int(b - half_state[n]) for n, b in buffers.items() if n.endswith('num_batches_tracked')}
+    assert steps == {1}, f'num_batches_tracked advanced by {steps} in one step'
+    changed = [n for n, b in buffers.items() if not torch.equal(b, ref_buffers[n])]
+    assert not changed, f'{len(changed)} of {len(buffers)} buffers differ from a plain step, e.g. {changed[:3]}'
+    assert not [n for n in plain_buffers if not torch.equal(plain_buffers[n], ref_buffers[n])]
+    # Gradients: bit-equal to our plain-autograd step (the same kernels), close to timm's.
+    assert not [n for n, g in grads.items() if not torch.equal(g, plain_grads[n])]
+    _assert_same_grads(grads, ref_grads)
+
+
+# --- 6. a batch of one per channel -----------------------------------------------------------------------
+
+
+def test_training_batch_of_one_per_channel_raises_as_plain_batchnorm(half_state):
+    """A 32 px image alone leaves one value per channel at the 1x1 head: plain BatchNorm raises; the memory-lean
+    BatchNorm used to write NaN into running_var instead (every later eval forward NaN)."""
+    ours, theirs = _pair(half_state)
+    x = _input(32, 32, batch=1)
+    with pytest.raises(ValueError, match='Expected more than 1 value per channel when training') as expected:
+        theirs.train()(x)
+    with pytest.raises(ValueError) as got:
+        ours.train()(x)
+    assert str(got.value) == str(expected.value)
+    assert all(torch.isfinite(b).all() for n, b in ours.named_buffers() if n.endswith(('_mean', '_var')))
+
+
+# --- 7. recipes live outside the tensors ------------------------------------------------------------------
+
+
+def test_tensor_kept_by_a_forward_hook_saves_loads_and_frees_like_any_other(half_state, tmp_path):
+    """A training forward's BatchNorm output, kept by a hook: `torch.save` writes just its values, the default
+    (weights-only) `torch.load` reads it back, and it keeps no recipe source (the conv output) alive."""
+    import io
+    import weakref
+
+    ours, _ = _pair(half_state)
+    kept, conv_out = {}, {}
+    ours.bn1.register_forward_hook(lambda m, i, o: kept.__setitem__('bn1', o))
+    ours.conv_stem.register_forward_hook(lambda m, i, o: conv_out.__setitem__('ref', weakref.ref(o)))
+    ours.train()(_input(64, 64)).square().mean().backward()
+    out = kept['bn1']
+    assert conv_out['ref']() is None, 'the conv output is still alive after backward'
+    buf = io.BytesIO()
+    torch.save(out, buf)
+    plain = io.BytesIO()
+    torch.save(out.detach().clone(), plain)
+    assert len(buf.getvalue()) <= len(plain.getvalue()) + 1024  # a recipe would add the conv output and more
+    buf.seek(0)
+    loaded = torch.load(buf)  # weights_only=True, torch's default
+    assert torch.equal(loaded, out.detach())
+
+
+def test_fuse_under_cpu_autocast_computes_in_the_autocast_dtype(tiny_state):
+    """`validate --fuse --amp bf16 --device cpu`: every fused conv must compute in bf16 as the unfused convs do
+    (the oneDNN fused kernel ignores autocast and computed in fp32)."""
+    model = _tiny(tiny_state, torch.float32)
+    fused = fuse(model)
+    dtypes = []
+    for m in fused.modules():
+        if type(m).__name__ == 'FusedConv2d':
+            m.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    x = _input(64, 64)
+    with torch.inference_mode():
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            got, ref = fused.forward_features(x), model.forward_features(x)
+        exact = model.forward_features(x)
+    assert ref.dtype == torch.bfloat16
+    assert got.dtype == torch.bfloat16 and set(dtypes) == {torch.bfloat16}
+    # As far from the fp32 model as the unfused bf16 model is (bf16 rounding, not another function).
+    scale = exact.abs().max()
+    assert (got.float() - exact).abs().max() <= 2 * (ref.float() - exact).abs().max() + 1e-3 * scale

@@ -168,7 +168,10 @@ def test_fused_model_compiles_fullgraph(tiny):
     compiled = torch.compile(fused, fullgraph=True, backend='eager')
     x = _input(65, 64, batch=1)
     with torch.inference_mode():
-        torch.testing.assert_close(compiled(x), fused(x))
+        expected = fused(x)
+        # Compiled, the fused convs run as conv + SiLU (oneDNN's fused kernel is eager-only): rounding differs,
+        # within the fused path's bound (1e-4 of the largest logit; measured up to ~1e-5 abs with 2 threads).
+        torch.testing.assert_close(compiled(x), expected, rtol=0, atol=1e-4 * expected.abs().max().item())
     torch._dynamo.reset()
 
 

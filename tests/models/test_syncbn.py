@@ -103,3 +103,63 @@ def test_timm_tf_efficientnet_weights_load_strictly():
     result = ours.load_state_dict(theirs.state_dict(), strict=True)  # raises on any missing/unexpected key
     assert not result.missing_keys and not result.unexpected_keys
     assert list(ours.state_dict()) == list(theirs.state_dict())
+
+
+def batch_norm_stand_in(model: torch.nn.Module) -> torch.nn.Module:
+    """Every SyncBatchNorm replaced by a plain `nn.BatchNorm2d` with its state: what a converted model computes
+    in one process, and what it can run under gloo on CPU (SyncBatchNorm's synchronised forward needs CUDA)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, torch.nn.SyncBatchNorm):
+            plain = torch.nn.BatchNorm2d(module.num_features, module.eps, module.momentum, module.affine)
+            plain.load_state_dict(module.state_dict())
+            parent, _, attr = name.rpartition('.')
+            setattr(model.get_submodule(parent), attr, plain.train(module.training))
+    return model
+
+
+def _checkpoint_stages(model: torch.nn.Module) -> torch.nn.Module:
+    from effnet_timm.models.recompute import checkpoint
+
+    stages = model.blocks
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        for stage in stages:
+            x = checkpoint(stage, x)
+        return x
+
+    stages.forward = forward
+    return model
+
+
+@pytest.mark.parametrize(
+    'stand_in,per', [(False, 'block'), (True, 'stage')], ids=['syncbn-per_block', 'plain_bn_stand_in-per_stage']
+)
+def test_converted_model_checkpointed_leaves_buffers_and_gradients_as_a_plain_step(b0, stand_in, per):
+    """Gradient checkpointing re-runs the converted model's BatchNorms (torch's modules, not ours) in backward:
+    they must not update their running statistics twice. Reference: timm's tf_efficientnet_b0 (momentum set to
+    TF's 0.01) in a plain step, and the converted model itself without checkpointing."""
+    converted = timm.layers.convert_sync_batchnorm(copy.deepcopy(b0))
+    if stand_in:
+        converted = batch_norm_stand_in(converted)
+    plain = copy.deepcopy(converted)
+    if per == 'block':
+        converted.set_grad_checkpointing(True)
+    else:
+        _checkpoint_stages(converted)
+    reference = _timm_b0(b0.state_dict())
+    for m in reference.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.momentum = 0.01
+    x = _input(64, 64, batch=4)
+    steps = []
+    for model in (converted, plain, reference):
+        model.train()(x).square().mean().backward()
+        grads = {n: p.grad for n, p in model.named_parameters()}
+        steps.append((grads, {n: b.clone() for n, b in model.named_buffers()}))
+    (grads, buffers), (plain_grads, plain_buffers), (_, ref_buffers) = steps
+    advanced = {int(b - b0.state_dict()[n]) for n, b in buffers.items() if n.endswith('num_batches_tracked')}
+    assert advanced == {1}, f'num_batches_tracked advanced by {advanced} in one step'
+    changed = [n for n, b in buffers.items() if not torch.equal(b, ref_buffers[n])]
+    assert not changed, f'{len(changed)} of {len(buffers)} buffers differ from a plain step, e.g. {changed[:3]}'
+    assert not [n for n, b in plain_buffers.items() if not torch.equal(b, ref_buffers[n])]
+    assert not [n for n, g in grads.items() if not torch.equal(g, plain_grads[n])]

@@ -19,7 +19,9 @@ def b0():
 
 
 def test_every_variant_is_registered_under_its_own_module():
-    assert ALL == ['effnet_v1'] + [f'effnet_v1_b{i}' for i in range(9)] + ['effnet_v1_l2']
+    families = [f'effnet_v1_lite{i}' for i in range(5)] + [f'effnet_v1_edgetpu_{s}' for s in 'sml']
+    families += ['effnet_v1_condconv_b0_4e', 'effnet_v1_condconv_b0_8e', 'effnet_v1_condconv_b0_8e_depth']
+    assert sorted(ALL) == sorted(['effnet_v1'] + [f'effnet_v1_b{i}' for i in range(9)] + ['effnet_v1_l2'] + families)
     assert timm.list_models(module='effnet_v1') == ALL
     assert not set(ALL) & set(timm.list_models(module='efficientnet'))
 

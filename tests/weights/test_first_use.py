@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -62,6 +63,7 @@ def child(step):
     for fd, path in ((1, step['stdout']), (2, step['stderr'])):
         os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
     try:
+        exec(step.get('prelude', ''), {})  # e.g. a pin added to TAGS, as a maintainer would
         exec(step['exec'], {}) if 'exec' in step else load(**step['load'])
         code = 0
     except effnet_timm.PretrainedWeightsError as err:
@@ -115,7 +117,7 @@ class Client:
             [sys.executable, '-c', CLIENT], env=env, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE
         )
 
-    def load(self, cache: Path, specs, processes: int = 1, background: bool = False, **env: str):
+    def load(self, cache: Path, specs, processes: int = 1, background: bool = False, prelude: str = '', **env: str):
         self.steps += 1
         out = self.home / f'step-{self.steps}'
         for k in range(processes):
@@ -126,6 +128,7 @@ class Client:
             stderr=str(out / 'err'),
             processes=processes,
             background=background,
+            prelude=prelude,
             load=dict(out=str(out), inputs=str(INPUTS), specs=[[n, k] for n, k in specs]),
         )
         self.proc.stdin.write(json.dumps(step) + '\n')
@@ -270,8 +273,9 @@ def test_first_use_downloads_converts_and_reproduces_the_official_logits(first_u
     cache, result, hub_requests, bucket_requests = first_use
     assert result.code == 0, result.stderr[-3000:]
     _assert_official_logits(result.logits(), official[0])
-    # The Hub was asked (repository not found) before the bucket, which served the tarball once.
-    assert hub_requests and all('effnet_v1_b0.aa_in1k' in r for r in hub_requests)
+    # No unpinned Hub repo is asked (whoever registers the name would control the weights); the bucket served
+    # the tarball once.
+    assert hub_requests == []
     assert bucket_requests == [f'GET {AA}']
     assert result.info()['file'] == str(cache / NAME / 'model.safetensors')
     # The cache keeps the converted entry, not the tarball; its provenance names the tarball and its sha256.
@@ -452,7 +456,8 @@ def test_bucket_fault_is_one_line_then_a_healthy_bucket_succeeds(client, bucket,
             bucket.files[AA] = data
     line = failed.line()
     assert fragment in line and f'{bucket.root}{AA}' in line and NAME in line, line
-    assert 'Hub effnet-timm/effnet_v1_b0.aa_in1k: repository not found' in line
+    assert 'Hub' not in line and 'EFFNET_TIMM_CKPT_ROOT' in line and f'effnet-timm download {NAME}' in line, line
+    assert 'pretrained_cfg_overlay=dict(file=...)' in line
     assert _untrusted(cache)
     assert not list(cache.glob('effnet_v1_b0*'))
     healthy = client.load(cache, [(NAME, {})])
@@ -480,6 +485,7 @@ def test_tarball_of_another_variant_is_refused_and_not_cached(client, bucket, tm
     cache = tmp_path / 'cache'
     line = client.load(cache, [('effnet_v1_b1.aa_in1k', {})]).line()
     assert '/ckptsaug/efficientnet-b1.tar.gz' in line and 'effnet_v1_b1' in line and 'effnet_v1_b0' in line, line
+    assert '.tmp' not in line and str(cache) not in line.split('official checkpoint: ', 1)[1], line  # no temp path
     assert _untrusted(cache, 'effnet_v1_b1')
     assert not list(cache.glob('effnet_v1_b1*')) and not list(cache.rglob('*.tar.gz*'))
 
@@ -522,8 +528,8 @@ class SilentHub:
 
 
 @pytest.mark.oracle
-def test_unreachable_hub_is_tried_once_then_the_bucket(client, bucket, tmp_path, official):
-    """huggingface_hub alone would retry a silent Hub with backoff (6 tries, ~25 s); the resolver asks once."""
+def test_unpinned_hub_is_not_asked_even_when_it_hangs(client, bucket, tmp_path, official):
+    """A silent Hub costs nothing: no TAGS row pins a Hub revision, so the resolver goes to the bucket."""
     hub = SilentHub()
     script = f"""
 import timm, effnet_timm
@@ -544,30 +550,76 @@ timm.create_model({NAME!r}, pretrained=True)
     finally:
         hub.close()
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert len(hub.connections) == 1
+    assert len(hub.connections) == 0
     assert len(bucket.gets(AA)) == seen + 1 and not _untrusted(tmp_path / 'c')
 
 
 # --- the Hub first, mirrors ---------------------------------------------------------------------------------------
 
 
+def _other_weights(path: Path) -> bytes:
+    """A valid B0 safetensors with other weights than the official ones (the classifier negated)."""
+    from safetensors.torch import load_file, save
+
+    state = load_file(str(path))
+    state['classifier.weight'] = -state['classifier.weight']
+    return save(state, metadata={'format': 'pt'})
+
+
+def _pin_prelude(revision: str, sha256: str) -> str:
+    return (
+        'import dataclasses\n'
+        'from effnet_timm.weights.tags import TAGS, HubPin\n'
+        "TAGS['aa_in1k'] = dataclasses.replace(TAGS['aa_in1k'], "
+        f"hub_pins={{'effnet_v1_b0': HubPin({revision!r}, {sha256!r})}})\n"
+    )
+
+
 @pytest.mark.oracle
-def test_published_hub_repo_is_used_and_the_bucket_not_asked(client, bucket, hub, first_use, tmp_path, official):
+def test_hub_repo_is_used_only_when_pinned_and_only_with_the_pinned_bytes(
+    client, bucket, hub, first_use, tmp_path, official
+):
+    """Someone registers `effnet-timm/effnet_v1_b0.aa_in1k` and publishes other weights there: not used by default;
+    used when its TAGS row pins that commit and sha256; a pin whose sha256 the file does not have falls through."""
+    import hashlib
+
     cache, first, _, _ = first_use
-    repo_id = 'effnet-timm/effnet_v1_b0.in1k'
-    files = {name: (cache / NAME / name).read_bytes() for name in ('model.safetensors', 'config.json')}
+    other = _other_weights(cache / NAME / 'model.safetensors')
+    repo_id = f'effnet-timm/{NAME}'
     repo = hub.repos[repo_id] = Repo(private=False)
-    hub._add_commit(repo, 'main', 'published', '', files)
-    seen = len(bucket.requests)
+    commit = hub._add_commit(repo, 'main', 'published', '', {'model.safetensors': other})
     try:
-        result = client.load(tmp_path / 'cache', [('effnet_v1_b0.in1k', {})])
+        seen, hub_seen = len(bucket.requests), len(hub.requests)
+        default = client.load(tmp_path / 'default', [(NAME, {})])
+        assert default.code == 0, default.stderr[-3000:]
+        assert hub.requests[hub_seen:] == [] and bucket.requests[seen:] == [f'GET {AA}']
+        _assert_official_logits(default.logits(), official[0])
+
+        seen = len(bucket.requests)
+        pinned = client.load(
+            tmp_path / 'pinned', [(NAME, {})], prelude=_pin_prelude(commit.oid, hashlib.sha256(other).hexdigest())
+        )
+        assert pinned.code == 0, pinned.stderr[-3000:]
+        assert bucket.requests[seen:] == [] and '/snapshots/' in pinned.info()['file']
+        np.testing.assert_allclose(pinned.logits(), -first.logits() + 2 * _bias_logits(cache), rtol=1e-4, atol=1e-4)
+        assert not (tmp_path / 'pinned' / NAME).exists()
+
+        seen = len(bucket.requests)
+        official_sha = hashlib.sha256((cache / NAME / 'model.safetensors').read_bytes()).hexdigest()
+        mismatch = client.load(tmp_path / 'mismatch', [(NAME, {})], prelude=_pin_prelude(commit.oid, official_sha))
+        assert mismatch.code == 0, mismatch.stderr[-3000:]
+        assert bucket.requests[seen:] == [f'GET {AA}']
+        _assert_official_logits(mismatch.logits(), official[0])
+        (warning,) = [line for line in mismatch.stderr.splitlines() if 'the pin says' in line]
+        assert repo_id in warning and official_sha in warning and 'not used' in warning, warning
     finally:
         del hub.repos[repo_id]
-    assert result.code == 0, result.stderr[-3000:]
-    assert bucket.requests[seen:] == []
-    assert '/snapshots/' in result.info()['file']  # from the Hub cache, not ours
-    np.testing.assert_array_equal(result.logits(), first.logits())
-    assert not (tmp_path / 'cache' / 'effnet_v1_b0.in1k').exists()
+
+
+def _bias_logits(cache: Path) -> np.ndarray:
+    from safetensors.torch import load_file
+
+    return load_file(str(cache / NAME / 'model.safetensors'))['classifier.bias'].numpy()[None]
 
 
 @pytest.mark.oracle
@@ -614,7 +666,7 @@ def test_resume_of_a_file_that_changed_meanwhile_restarts(bucket, tmp_path):
     bucket.faults.clear()
     bucket.files['/x/changing.tar.gz'] = new
     got = download(f'{bucket.root}/x/changing.tar.gz', tmp_path / 'c.tar.gz', progress=False)
-    assert got.path.read_bytes() == new and got.resumed
+    assert got.path.read_bytes() == new and not got.resumed  # the truth: no kept byte was used
     assert bucket.gets('/x/changing.tar.gz')[-1] == 'GET /x/changing.tar.gz bytes=50000-'
 
 
@@ -731,7 +783,8 @@ def test_download_command_names_tag_and_all():
         ('effnet_v1_l2', 'ns_jft_in1k_475'),
         ('effnet_v1_b8', 'ap_in1k'),
     ]
-    assert len(select_names(all_=True)) == 9 + 9 + 1 + 3 + 8 + 6  # every official file (tensorflow/tpu README)
+    # every official file (tensorflow/tpu README), and Lite0-4, EdgeTPU-S/M/L, CondConv x3 (lite/, edgetpu/, condconv/)
+    assert len(select_names(all_=True)) == 9 + 9 + 1 + 3 + 8 + 6 + 5 + 3 + 3
     assert select_names(['effnet_v1_b0.aa_in1k', 'effnet_v1_b1'], tag='in1k') == [
         ('effnet_v1_b0', 'aa_in1k'),
         ('effnet_v1_b1', 'in1k'),
@@ -855,7 +908,7 @@ def test_unwritable_cache_is_one_line(bucket, tmp_path, monkeypatch, capsys):
     seen = len(bucket.requests)
     assert main(['download', NAME, '--no-progress']) == 2
     (err,) = capsys.readouterr().err.strip().splitlines()
-    assert f'{tmp_path / "a-file" / "cache"}: cannot write the weights cache' in err and 'EFFNET_TIMM_CACHE' in err
+    assert str(tmp_path / 'a-file') in err and 'the weights cache' in err and 'EFFNET_TIMM_CACHE' in err, err
     assert bucket.requests[seen:] == []
 
 
@@ -880,7 +933,7 @@ def test_full_disk_is_one_line_without_retries_and_frees_the_partial_file(bucket
 
 
 def test_record_does_not_rehash_files_the_converter_recorded(tmp_path, monkeypatch):
-    from effnet_timm import weights_cache
+    from effnet_timm.weights import cache as weights_cache
 
     (tmp_path / 'config.json').write_text(json.dumps({'effnet_timm': {'files': {'model.safetensors': {}}}}))
     calls = []
@@ -894,7 +947,7 @@ def test_record_does_not_rehash_files_the_converter_recorded(tmp_path, monkeypat
 def test_complete_part_of_a_killed_download_is_verified_not_fetched_again(bucket, tmp_path, monkeypatch):
     """Killed after the last byte was written, before verify and rename: the next call asks nothing (it used to
     send `Range: bytes=<size>-`, get 416 and start over), and still checks the bytes against X-Goog-Hash."""
-    from effnet_timm import download as dl
+    from effnet_timm.weights import download as dl
 
     data = os.urandom(200_000)
     bucket.files['/x/complete.tar.gz'] = data
@@ -943,7 +996,7 @@ def test_full_disk_while_filling_is_one_line_the_batch_goes_on_and_the_tarball_i
     without fetching it again."""
     import errno
 
-    from effnet_timm import weights_cache
+    from effnet_timm.weights import cache as weights_cache
     from effnet_timm_cli import main
 
     record = weights_cache._record
@@ -970,12 +1023,12 @@ def test_full_disk_while_filling_is_one_line_the_batch_goes_on_and_the_tarball_i
     assert _untrusted(cli_env) and not _untrusted(cli_env, 'effnet_v1_b0', 'in1k')
     assert main(['download', NAME, '--no-progress']) == 0
     assert len(bucket.gets(AA)) == seen + 1 and not _untrusted(cli_env)  # converted from the kept tarball
-    assert not list((cli_env / '.tmp' / NAME / 'download').iterdir())  # and then not kept
+    assert not (cli_env / '.tmp').exists()  # and then not kept, and no empty folders either
 
 
 @pytest.mark.oracle
 def test_kept_tarball_that_changed_on_disk_is_fetched_again(cli_env, bucket, official, monkeypatch):
-    from effnet_timm import weights_cache
+    from effnet_timm.weights import cache as weights_cache
 
     download_dir = cli_env / '.tmp' / NAME / 'download'
 
@@ -998,7 +1051,8 @@ def test_kept_tarball_that_changed_on_disk_is_fetched_again(cli_env, bucket, off
 
 @pytest.mark.oracle
 def test_download_command_honours_hf_hub_disable_progress_bars(cli_env, bucket, monkeypatch):
-    from effnet_timm import download as dl
+    from effnet_timm.weights import cache as weights_cache
+    from effnet_timm.weights import download as dl
     from effnet_timm_cli import main
 
     asked = []
@@ -1007,7 +1061,7 @@ def test_download_command_honours_hf_hub_disable_progress_bars(cli_env, bucket, 
         asked.append(progress)
         raise dl.DownloadError(f'cannot download {url}: stopped by the test')
 
-    monkeypatch.setattr(dl, 'download', fake_download)
+    monkeypatch.setattr(weights_cache, 'download', fake_download)
     monkeypatch.setenv('HF_HUB_DISABLE_PROGRESS_BARS', '1')
     assert main(['download', NAME]) == 2
     assert asked == [False]
@@ -1018,8 +1072,8 @@ def test_full_disk_while_converting_keeps_the_downloaded_tarball(cli_env, bucket
     """The converter reports a full disk as a CheckpointError like a bad tarball; the tarball is still kept."""
     import resource
 
-    from effnet_timm import weights_cache
     from effnet_timm.errors import PretrainedWeightsError
+    from effnet_timm.weights import cache as weights_cache
 
     tarball = cli_env / '.tmp' / NAME / 'download' / 'efficientnet-b0.tar.gz'
     seen = len(bucket.gets(AA))
@@ -1039,3 +1093,290 @@ def test_full_disk_while_converting_keeps_the_downloaded_tarball(cli_env, bucket
     assert '\n' not in str(err.value) and tarball.read_bytes() == official[1]
     entry = weights_cache.fill_entry('effnet_v1_b0', 'aa_in1k', progress=False)
     assert len(bucket.gets(AA)) == seen + 1 and entry.fetched_now and not _untrusted(cli_env)
+
+
+# --- issue 16: locks on NFS, output-side failures, fast loads, pins, what a user sees ------------------------------
+
+
+@pytest.mark.oracle
+def test_first_use_fills_the_cache_where_flock_needs_a_writable_descriptor(cli_env, bucket, official, monkeypatch):
+    """NFS emulates flock with byte-range locks, which need a descriptor open for writing: an exclusive flock on a
+    read-only descriptor (as a directory lock takes) fails with EBADF there. First use must still work."""
+    import errno
+    import fcntl
+
+    from effnet_timm.weights import cache as weights_cache
+
+    real_flock = fcntl.flock
+    refused = []
+
+    def nfs_flock(fd, operation):
+        number = fd if isinstance(fd, int) else fd.fileno()
+        if operation & fcntl.LOCK_EX and fcntl.fcntl(number, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+            refused.append(number)
+            raise OSError(errno.EBADF, 'Bad file descriptor')
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, 'flock', nfs_flock)
+    entry = weights_cache.fill_entry('effnet_v1_b0', 'aa_in1k', progress=False)
+    assert entry.fetched_now and not _untrusted(cli_env) and refused == []
+
+
+@pytest.mark.oracle
+def test_safetensors_error_while_writing_keeps_the_verified_tarball(cli_env, bucket, official, monkeypatch):
+    """A file-size limit (or a full disk) while safetensors writes raises its own SafetensorError, not an OSError:
+    still an output-side failure, so the verified tarball is kept and the next call does not fetch it again."""
+    import resource
+
+    import effnet_convert.converter as converter
+    from effnet_timm.errors import PretrainedWeightsError
+    from effnet_timm.weights import cache as weights_cache
+
+    real_save = converter.save_file
+
+    def save_under_a_file_size_limit(*args, **kwargs):
+        limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+        previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, limits[1]))
+        try:
+            return real_save(*args, **kwargs)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+            signal.signal(signal.SIGXFSZ, previous)
+
+    tarball = cli_env / '.tmp' / NAME / 'download' / 'efficientnet-b0.tar.gz'
+    seen = len(bucket.gets(AA))
+    with monkeypatch.context() as m:
+        m.setattr(converter, 'save_file', save_under_a_file_size_limit)
+        with pytest.raises(PretrainedWeightsError, match='File too large') as err:
+            weights_cache.fill_entry('effnet_v1_b0', 'aa_in1k', progress=False)
+    assert '\n' not in str(err.value) and tarball.read_bytes() == official[1]
+    entry = weights_cache.fill_entry('effnet_v1_b0', 'aa_in1k', progress=False)
+    assert len(bucket.gets(AA)) == seen + 1 and entry.fetched_now and not _untrusted(cli_env)
+    assert not (cli_env / '.tmp').exists()  # converted: nothing kept, no empty folders
+
+
+@pytest.mark.oracle
+def test_later_loads_compare_stat_and_hash_only_what_changed(cli_env, bucket, monkeypatch):
+    """The sha256 is computed when the entry is filled; a second create_model (every rank of a job) compares size,
+    mtime, ctime and inode, and reads the weights again only when one changed."""
+    import timm
+
+    from effnet_timm.weights import integrity
+    from effnet_timm.weights.cache import entry_state, fill_entry
+
+    entry = fill_entry('effnet_v1_b0', 'aa_in1k', progress=False)
+    hashed = []
+    real = integrity.digest_file
+    monkeypatch.setattr(
+        integrity, 'digest_file', lambda path, *a, **k: hashed.append(Path(path).name) or real(path, *a, **k)
+    )
+    model = timm.create_model(NAME, pretrained=True)
+    assert model.pretrained_cfg['file'] == str(entry.weights) and hashed == []
+    os.utime(entry.weights)  # touched: checked again once, then trusted again by its new stat
+    assert entry_state('effnet_v1_b0', 'aa_in1k')[0] is not None and hashed == ['model.safetensors']
+    assert entry_state('effnet_v1_b0', 'aa_in1k')[0] is not None and hashed == ['model.safetensors']
+    before = entry.weights.stat()
+    data = bytearray(entry.weights.read_bytes())
+    data[-5] ^= 1
+    entry.weights.write_bytes(bytes(data))
+    os.utime(entry.weights, ns=(before.st_atime_ns, before.st_mtime_ns))  # same size and mtime; ctime moved
+    found, why = entry_state('effnet_v1_b0', 'aa_in1k')
+    assert found is None and why.startswith('damaged (') and 'sha256' in why, why
+    assert entry_state('effnet_v1_b0', 'aa_in1k', rehash=True)[0] is None
+
+
+@pytest.mark.oracle
+def test_http_mirror_without_hash_is_refused_unless_opted_in(cli_env, bucket, official):
+    from effnet_timm.errors import PretrainedWeightsError
+    from effnet_timm.weights.cache import fill_entry
+
+    bucket.faults[AA] = Fault('no_hash')
+    try:
+        with pytest.raises(PretrainedWeightsError) as err:
+            fill_entry('effnet_v1_b0', 'aa_in1k', progress=False)
+        assert 'no X-Goog-Hash' in str(err.value) and 'EFFNET_TIMM_ALLOW_UNVERIFIED=1' in str(err.value)
+        assert _untrusted(cli_env) and not (cli_env / '.tmp').exists()
+        os.environ['EFFNET_TIMM_ALLOW_UNVERIFIED'] = '1'
+        try:
+            entry = fill_entry('effnet_v1_b0', 'aa_in1k', progress=False)
+        finally:
+            del os.environ['EFFNET_TIMM_ALLOW_UNVERIFIED']
+    finally:
+        bucket.faults.pop(AA, None)
+    assert entry.fetched_now and not _untrusted(cli_env)
+
+
+def _pins_file(tmp_path: Path, data: bytes, path: str = AA) -> Path:
+    import hashlib
+
+    pins = tmp_path / 'pins.json'
+    pins.write_text(
+        json.dumps({'tarballs': {path.lstrip('/'): {'sha256': hashlib.sha256(data).hexdigest(), 'size': len(data)}}})
+    )
+    return pins
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize('source', ['bucket', 'folder'])
+def test_pinned_tarball_is_checked_whatever_the_source(cli_env, bucket, official, tmp_path, monkeypatch, source):
+    """A pin decides, even where X-Goog-Hash agrees with the bytes or where the mirror is a local folder."""
+    from effnet_timm.errors import PretrainedWeightsError
+    from effnet_timm.weights import tags
+    from effnet_timm.weights.cache import fill_entry
+
+    if source == 'folder':
+        mirror = tmp_path / 'mirror'
+        (mirror / 'ckptsaug').mkdir(parents=True)
+        (mirror / AA.lstrip('/')).write_bytes(official[1])
+        monkeypatch.setenv('EFFNET_TIMM_CKPT_ROOT', str(mirror))
+    monkeypatch.setattr(tags, 'PINS_FILE', _pins_file(tmp_path, official[1] + b'other'))
+    with pytest.raises(PretrainedWeightsError) as err:
+        fill_entry('effnet_v1_b0', 'aa_in1k', progress=False)
+    assert 'pin' in str(err.value) and '\n' not in str(err.value), err.value
+    assert _untrusted(cli_env)
+    monkeypatch.setattr(tags, 'PINS_FILE', _good_pins(tmp_path, official[1]))
+    entry = fill_entry('effnet_v1_b0', 'aa_in1k', progress=False)
+    assert entry.fetched_now and not _untrusted(cli_env)
+    config = json.loads((entry.folder / 'config.json').read_text())
+    assert config['effnet_timm']['cache']['pinned'] is True
+
+
+def _good_pins(tmp_path: Path, data: bytes) -> Path:
+    folder = tmp_path / 'good-pins'
+    folder.mkdir(exist_ok=True)
+    return _pins_file(folder, data)
+
+
+@pytest.mark.oracle
+def test_offline_with_a_local_mirror_fills_the_cache(client, bucket, official, tmp_path):
+    mirror = tmp_path / 'mirror'
+    (mirror / 'ckptsaug').mkdir(parents=True)
+    (mirror / AA.lstrip('/')).write_bytes(official[1])
+    seen = len(bucket.requests)
+    for root in (str(mirror), mirror.as_uri()):
+        cache = tmp_path / f'cache-{len(root)}'
+        result = client.load(cache, [(NAME, {})], EFFNET_TIMM_CKPT_ROOT=root, HF_HUB_OFFLINE='1')
+        assert result.code == 0, result.stderr[-3000:]
+        _assert_official_logits(result.logits(), official[0])
+    assert bucket.requests[seen:] == []
+
+
+@pytest.mark.oracle
+def test_what_a_new_user_sees_when_nothing_can_be_reached(client, tmp_path):
+    """No network at all: one line that says only what is true (no `.part` is named when no byte arrived), the
+    seconds spent, and the ways out; no empty folders left in the cache."""
+    import socket
+
+    with socket.socket() as probe:  # a port that was just free: nothing listens there
+        probe.bind(('127.0.0.1', 0))
+        port = probe.getsockname()[1]
+    cache = tmp_path / 'cache'
+    result = client.load(
+        cache, [(NAME, {})], EFFNET_TIMM_CKPT_ROOT=f'http://127.0.0.1:{port}/eff', EFFNET_TIMM_DOWNLOAD_ATTEMPTS='2'
+    )
+    line = result.line()
+    assert f'http://127.0.0.1:{port}/eff{AA}' in line and '.part' not in line, line
+    assert re.search(r'could not load pretrained weights \(\d+ s\)', line), line
+    assert 'EFFNET_TIMM_CKPT_ROOT' in line and f'effnet-timm download {NAME}' in line, line
+    assert 'pretrained_cfg_overlay=dict(file=...)' in line and 'attempts in' in line
+    assert sorted(str(p.relative_to(cache)) for p in cache.rglob('*')) == ['.locks', f'.locks/{NAME}.lock']
+
+
+@pytest.mark.oracle
+def test_offline_damaged_entry_is_called_damaged(first_use, tmp_path, client):
+    cache, _, _, _ = first_use
+    damaged = tmp_path / 'cache'
+    shutil.copytree(cache / NAME, damaged / NAME)
+    data = bytearray((damaged / NAME / 'model.safetensors').read_bytes())
+    data[-5] ^= 1
+    (damaged / NAME / 'model.safetensors').write_bytes(bytes(data))
+    line = client.load(damaged, [(NAME, {})], HF_HUB_OFFLINE='1').line()
+    assert f'cache {damaged / NAME}: damaged (' in line and 'not there' not in line, line
+    assert 'HF_HUB_OFFLINE=1' in line
+
+
+@pytest.mark.oracle
+def test_download_command_honours_hf_hub_offline(cli_env, bucket, capsys, monkeypatch):
+    from effnet_timm_cli import main
+
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    seen = len(bucket.requests)
+    assert main(['download', NAME, '--no-progress']) == 2
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert 'offline (HF_HUB_OFFLINE=1)' in err and bucket.requests[seen:] == []
+
+
+@pytest.mark.oracle
+def test_download_record_pins_fills_the_pins_file_from_the_bucket(
+    cli_env, bucket, official, tmp_path, capsys, monkeypatch
+):
+    import hashlib
+
+    from effnet_timm.weights import tags
+    from effnet_timm.weights.cache import fill_entry
+    from effnet_timm_cli import main
+
+    pins = tmp_path / 'pins.json'
+    pins.write_text(json.dumps({'_about': 'kept', 'tarballs': {}}))
+    assert main(['download', NAME, 'effnet_v1_b0.in1k', '--record-pins', str(pins), '--no-progress']) == 0
+    capsys.readouterr()
+    expected = dict(sha256=hashlib.sha256(official[1]).hexdigest(), size=len(official[1]))
+    data = json.loads(pins.read_text())
+    assert data == {
+        '_about': 'kept',
+        'tarballs': {'ckpts/efficientnet-b0.tar.gz': expected, 'ckptsaug/efficientnet-b0.tar.gz': expected},
+    }
+    assert _untrusted(cli_env) and not list(tmp_path.glob('effnet-timm-pins-*'))  # pins only, nothing cached
+    monkeypatch.setattr(tags, 'PINS_FILE', pins)
+    assert fill_entry('effnet_v1_b0', 'aa_in1k', progress=False).fetched_now
+    # A bucket answer without X-Goog-Hash is never pinned.
+    bucket.faults[NS] = Fault('no_hash')
+    try:
+        assert main(['download', 'effnet_v1_b0.ns_jft_in1k', '--record-pins', str(pins), '--no-progress']) == 2
+    finally:
+        bucket.faults.pop(NS, None)
+    assert 'X-Goog-Hash' in capsys.readouterr().err
+    assert 'noisystudent/noisy_student_efficientnet-b0.tar.gz' not in json.loads(pins.read_text())['tarballs']
+
+
+def test_download_list_prints_every_official_url(capsys):
+    from effnet_timm_cli import main
+
+    assert main(['download', '--list']) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 9 + 9 + 1 + 3 + 8 + 6 + 5 + 3 + 3  # with Lite0-4, EdgeTPU-S/M/L, CondConv x3
+    root = 'https://storage.googleapis.com/cloud-tpu-checkpoints/efficientnet'
+    assert ['effnet_v1_lite0.in1k', f'{root}/lite/efficientnet-lite0.tar.gz'] in [line.split() for line in lines]
+    assert ['effnet_v1_edgetpu_s.in1k', f'{root}/efficientnet-edgetpu-S.tar.gz'] in [line.split() for line in lines]
+    cc = ['effnet_v1_condconv_b0_8e_depth.in1k', f'{root}/condconv/efficientnet-condconv-b0-8e-depth.tar.gz']
+    assert cc in [line.split() for line in lines]
+    assert lines[0].split() == [
+        'effnet_v1_l2.ns_jft_in1k_475',
+        f'{root}/noisystudent/noisy_student_efficientnet-l2_475.tar.gz',
+    ]
+    assert ['effnet_v1_b8.ra_in1k', f'{root}/randaug/efficientnet-b8-randaug.tar.gz'] in [
+        line.split() for line in lines
+    ]
+    assert main(['download', '--list', 'effnet_v1_b0']) == 0  # the bare name means its first tag
+    assert capsys.readouterr().out.split() == [
+        'effnet_v1_b0.ns_jft_in1k',
+        f'{root}/noisystudent/noisy_student_efficientnet-b0.tar.gz',
+    ]
+
+
+@pytest.mark.oracle
+def test_download_verify_hashes_again(cli_env, bucket, capsys):
+    from effnet_timm.weights.cache import fill_entry
+    from effnet_timm_cli import main
+
+    entry = fill_entry('effnet_v1_b0', 'aa_in1k', progress=False)
+    assert main(['download', NAME, '--verify']) == 0
+    assert [r[4] for r in _table(capsys.readouterr().out)] == ['verified']
+    before = entry.weights.stat()
+    data = bytearray(entry.weights.read_bytes())
+    data[-5] ^= 1
+    entry.weights.write_bytes(bytes(data))
+    os.utime(entry.weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert main(['download', NAME, '--verify']) == 2
+    assert 'damaged (' in capsys.readouterr().err

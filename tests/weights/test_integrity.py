@@ -111,3 +111,28 @@ def test_module_imports_neither_tensorflow_nor_the_converter():
     )
     proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_digest_file_matches_independent_implementations(tmp_path):
+    """One pass, several digests: each against its reference (hashlib, the crc32c package, `git hash-object`)."""
+    import base64
+    import hashlib
+    import shutil
+    import subprocess
+
+    import crc32c
+
+    from effnet_timm.weights.integrity import digest_file
+
+    data = bytes(range(256)) * 9000  # several read chunks
+    path = tmp_path / 'f.bin'
+    path.write_bytes(data)
+    found = digest_file(path, ('sha256', 'md5', 'md5_b64', 'crc32c', 'git_blob'))
+    assert found['sha256'] == hashlib.sha256(data).hexdigest() and found['md5'] == hashlib.md5(data).hexdigest()
+    assert found['md5_b64'] == base64.b64encode(hashlib.md5(data).digest()).decode()
+    assert found['crc32c'] == base64.b64encode(crc32c.crc32c(data).to_bytes(4, 'big')).decode()
+    if shutil.which('git'):
+        assert (
+            found['git_blob']
+            == subprocess.run(['git', 'hash-object', str(path)], capture_output=True, text=True).stdout.strip()
+        )

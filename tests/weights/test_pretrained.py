@@ -27,14 +27,44 @@ EXPECTED_TAGS = {
     'ns_jft_in1k_475': ['l2'],
 }
 NATIVE = dict(b0=224, b1=240, b2=260, b3=300, b4=380, b5=456, b6=528, b7=600, b8=672, l2=800)
+B_SERIES = {f'effnet_v1_{v}' for v in NATIVE}
+# The other V1 families (lite/README.md, edgetpu/README.md, condconv/README.md): tag in1k, official path,
+# native size, resize of their main.py.
+FAMILY_CKPTS = {
+    'lite0': ('lite/efficientnet-lite0', 224, 'bilinear'),
+    'lite1': ('lite/efficientnet-lite1', 240, 'bilinear'),
+    'lite2': ('lite/efficientnet-lite2', 260, 'bilinear'),
+    'lite3': ('lite/efficientnet-lite3', 280, 'bilinear'),
+    'lite4': ('lite/efficientnet-lite4', 300, 'bilinear'),
+    'edgetpu_s': ('efficientnet-edgetpu-S', 224, 'bilinear'),
+    'edgetpu_m': ('efficientnet-edgetpu-M', 240, 'bilinear'),
+    'edgetpu_l': ('efficientnet-edgetpu-L', 300, 'bilinear'),
+    'condconv_b0_4e': ('condconv/efficientnet-condconv-b0-4e', 224, 'bicubic'),
+    'condconv_b0_8e': ('condconv/efficientnet-condconv-b0-8e', 224, 'bicubic'),
+    'condconv_b0_8e_depth': ('condconv/efficientnet-condconv-b0-8e-depth', 224, 'bicubic'),
+}
 
 
 def test_registered_tags_are_exactly_the_official_checkpoint_families():
     expected = sorted(f'effnet_v1_{v}.{tag}' for tag, vs in EXPECTED_TAGS.items() for v in vs)
-    assert sorted(timm.list_pretrained('effnet_v1*')) == expected
+    expected += [f'effnet_v1_{v}.in1k' for v in FAMILY_CKPTS]
+    assert sorted(timm.list_pretrained('effnet_v1*')) == sorted(expected)
 
 
-@pytest.mark.parametrize('name', sorted(timm.list_pretrained('effnet_v1*')))
+@pytest.mark.parametrize('variant', list(FAMILY_CKPTS))
+def test_family_tag_cfg_has_the_official_eval_preprocessing_and_path(variant):
+    from effnet_timm.weights.tags import OFFICIAL_CKPT_ROOT, official_url
+
+    path, size, resize = FAMILY_CKPTS[variant]
+    cfg = timm.models.get_pretrained_cfg(f'effnet_v1_{variant}.in1k').to_dict()
+    assert cfg['input_size'] == (3, size, size) and int(size / cfg['crop_pct']) == size + 32
+    assert cfg['interpolation'] == resize and cfg['crop_mode'] == 'center'
+    assert cfg['mean'] == pytest.approx((127 / 255,) * 3) and cfg['std'] == pytest.approx((128 / 255,) * 3)
+    assert cfg['num_classes'] == 1000 and cfg.get('label_offset') == (1 if 'edgetpu' in variant else None)
+    assert official_url(f'effnet_v1_{variant}', 'in1k') == f'{OFFICIAL_CKPT_ROOT}/{path}.tar.gz'
+
+
+@pytest.mark.parametrize('name', sorted(n for n in timm.list_pretrained('effnet_v1*') if n.split('.')[0] in B_SERIES))
 def test_tag_cfg_has_the_official_eval_preprocessing(name):
     cfg = timm.models.get_pretrained_cfg(name).to_dict()
     variant, tag = name.split('.')
@@ -116,8 +146,11 @@ def _run(code: str, env: dict) -> subprocess.CompletedProcess:
     )
 
 
-def test_registered_tag_loads_from_a_filled_hub_cache_offline(b0_weights, tmp_path):
-    """`pretrained=True` on a registered tag resolves `HUB_ORG/effnet_v1_b0.aa_in1k` in the real Hub cache."""
+def test_hub_cache_copy_is_used_only_for_a_pinned_tag(b0_weights, tmp_path):
+    """Weights that sit in the Hub cache under `HUB_ORG/effnet_v1_b0.aa_in1k` (whoever published them) are not loaded
+    for an unpinned tag; once the TAGS row pins that commit and the file's sha256, they are (offline, no request)."""
+    import hashlib
+
     source, path = b0_weights
     commit = 'a' * 40
     repo = tmp_path / 'hub' / f'models--{HUB_ORG}--effnet_v1_b0.aa_in1k'
@@ -127,16 +160,29 @@ def test_registered_tag_loads_from_a_filled_hub_cache_offline(b0_weights, tmp_pa
     (repo / 'snapshots' / commit / 'model.safetensors').write_bytes(path.read_bytes())
     x = torch.randn(1, 3, 64, 64)
     torch.save(x, tmp_path / 'x.pt')
-    result = _run(
-        f"""
+    load = f"""
         import torch, timm, effnet_timm
-        model = timm.create_model('effnet_v1_b0.aa_in1k', pretrained=True).eval()
-        with torch.inference_mode():
-            torch.save(model(torch.load({str(tmp_path / 'x.pt')!r})), {str(tmp_path / 'y.pt')!r})
-    """,
-        dict(HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(tmp_path / 'hub')),
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+        try:
+            model = timm.create_model('effnet_v1_b0.aa_in1k', pretrained=True).eval()
+        except effnet_timm.PretrainedWeightsError as err:
+            print(err)
+        else:
+            with torch.inference_mode():
+                torch.save(model(torch.load({str(tmp_path / 'x.pt')!r})), {str(tmp_path / 'y.pt')!r})
+    """
+    env = dict(HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(tmp_path / 'hub'), EFFNET_TIMM_CACHE=str(tmp_path / 'cache'))
+    unpinned = _run(load, env)
+    assert unpinned.returncode == 0 and not (tmp_path / 'y.pt').exists(), unpinned.stderr[-2000:]
+    assert 'HF_HUB_OFFLINE=1' in unpinned.stdout and 'effnet-timm download' in unpinned.stdout
+    sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+    pin = f"""
+        import dataclasses
+        from effnet_timm.weights.tags import TAGS, HubPin
+        pin = HubPin({commit!r}, {sha256!r})
+        TAGS['aa_in1k'] = dataclasses.replace(TAGS['aa_in1k'], hub_pins={{'effnet_v1_b0': pin}})
+    """
+    pinned = _run(textwrap.dedent(pin) + textwrap.dedent(load), env)
+    assert pinned.returncode == 0 and pinned.stdout == '', pinned.stdout + pinned.stderr[-2000:]
     with torch.inference_mode():
         torch.testing.assert_close(torch.load(tmp_path / 'y.pt'), source.eval()(x))
 
@@ -152,14 +198,16 @@ def test_unavailable_hub_weights_fail_in_one_clear_line(tmp_path):
         else:
             print('LOADED')
     """,
-        dict(HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(tmp_path / 'empty')),
+        dict(HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(tmp_path / 'empty'), EFFNET_TIMM_CACHE=str(tmp_path / 'cache')),
     )
     assert result.returncode == 0, result.stderr[-2000:]
     message = result.stdout.strip()
     assert len(message.splitlines()) == 1
-    assert f'{HUB_ORG}/effnet_v1_b0.ap_in1k' in message and 'effnet-convert' in message
+    assert 'effnet_v1_b0.ap_in1k' in message and 'HF_HUB_OFFLINE=1' in message and 'effnet-convert' in message
+    assert f'{HUB_ORG}/' not in message  # no unpinned Hub repo is a source
 
 
 def test_tag_table_matches_expected_families():
-    assert {tag: [v.rsplit('_', 1)[1] for v in spec.variants] for tag, spec in TAGS.items()} == EXPECTED_TAGS
+    expected = dict(EXPECTED_TAGS, in1k=EXPECTED_TAGS['in1k'] + list(FAMILY_CKPTS))
+    assert {tag: [v[len('effnet_v1_') :] for v in spec.variants] for tag, spec in TAGS.items()} == expected
     assert json.dumps(TAGS['ap_in1k'].mean) == '[0.5, 0.5, 0.5]'
