@@ -46,7 +46,10 @@ MODEL_TAGS: dict[str, tuple[str, ...]] = {
     'effnet_v1_b6': ('ns_jft_in1k', 'ap_in1k', 'aa_in1k'),
     'effnet_v1_b7': ('ns_jft_in1k', 'ap_in1k', 'ra_in1k', 'aa_in1k'),
     'effnet_v1_b8': ('ap_in1k', 'ra_in1k'),
+    **{f'effnet_v1_condconv_b0_{e}': ('in1k',) for e in ('4e', '8e', '8e_depth')},
+    **{f'effnet_v1_edgetpu_{s}': ('in1k',) for s in 'lms'},
     'effnet_v1_l2': ('ns_jft_in1k_475', 'ns_jft_in1k'),
+    **{f'effnet_v1_lite{i}': ('in1k',) for i in range(5)},
 }
 TAG_NAMES = ('ns_jft_in1k_475', 'ns_jft_in1k', 'ap_in1k', 'ra_in1k', 'aa_in1k', 'in1k')  # effnet_timm.TAGS' order
 
@@ -72,10 +75,11 @@ def _model_and_weights_error(args: argparse.Namespace) -> str | None:
 def _download_names_error(args: argparse.Namespace) -> str | None:
     if args.tag is not None and args.tag not in TAG_NAMES:
         return f"unknown tag '{args.tag}' (known: {', '.join(TAG_NAMES)})"
-    if not (args.models or args.tag or args.all):
+    everything = args.all or (args.list and not args.models and args.tag is None)  # as _run_download
+    if not (args.models or args.tag or everything):
         return 'name the models (MODEL.TAG ...), a --tag, or --all'
     official = [arch for arch, tags in MODEL_TAGS.items() if tags]
-    for name in [] if args.all else args.models:
+    for name in [] if everything else args.models:
         arch, _, tag = name.partition('.')
         if arch not in official:
             return f"'{name}': not a model with official weights (known: {', '.join(sorted(official))})"
