@@ -99,8 +99,9 @@ def early_error(args: argparse.Namespace) -> str | None:
             return f'{missing}: cannot read image: no such file or folder'
         return _model_and_weights_error(args)
     if args.command == 'validate':
-        if not args.dataset and not args.data.exists():
-            return f'{args.data}: no such folder'
+        data = args.data if args.data is not None else args.data_dir  # neither, both: the command says so
+        if data is not None and not args.dataset and not data.exists():
+            return f'{data}: no such folder'
         return _model_and_weights_error(args)
     if args.command == 'info':
         return model_name_error(args.model) if args.model else None
