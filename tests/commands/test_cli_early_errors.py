@@ -22,6 +22,7 @@ CASES = [
     (['effnet-timm', 'predict', PHOTO, '--weights', 'no/such'], 'no/such: no such file or folder'),
     (['effnet-timm', 'info', 'effnet_v1_bO'], "unknown model 'effnet_v1_bO'"),
     (['effnet-timm', 'validate', 'no/val', '--model', 'effnet_v1_b0'], 'no/val: no such folder'),
+    (['effnet-timm', 'validate', '--data-dir', 'no/val', '--model', 'effnet_v1_b0'], 'no/val: no such folder'),
     (['effnet-timm', 'validate', str(SAMPLES), '--model', 'efnet_v1_b0'], "unknown model 'efnet_v1_b0'"),
     (['effnet-timm', 'download', 'effnet_v1_b0.nope'], "'effnet_v1_b0.nope': no such official checkpoint"),
     (['effnet-timm', 'download', '--tag', 'nope'], "unknown tag 'nope' (known: ns_jft_in1k_475, "),
