@@ -295,7 +295,17 @@ def _file_of(nodeid: str) -> str:
 # The files that take longest, longest first (from a full run's --durations=0). pytest-xdist hands out whole
 # files (--dist loadfile) in collection order; starting with the long ones keeps one worker from finishing
 # the run alone with a long file picked up last.
-LONGEST_FILES: tuple[str, ...] = ()
+LONGEST_FILES = (
+    'tests/convert/test_convert.py',
+    'tests/weights/test_first_use.py',
+    'tests/models/test_numerics.py',
+    'tests/convert/test_hub.py',
+    'tests/commands/test_validate.py',
+    'tests/commands/test_run_script.py',
+    'tests/convert/test_convert_bad_input.py',
+    'tests/models/test_performance_features.py',
+    'tests/models/test_families.py',
+)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
