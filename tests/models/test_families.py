@@ -183,6 +183,7 @@ def test_memory_lean_training_gradients_equal_plain_autograd(variant):
 def test_fuse_keeps_logits(variant):
     from effnet_timm.models.fusion import fuse
 
+    torch.manual_seed(0)  # realistic_init_ leaves some parameters (CondConv experts' scale) to timm's init
     model = realistic_init_(timm.create_model(variant), calib_size=64).eval()
     fused = fuse(model)
     # Every BatchNorm outside the CondConv blocks is folded.
@@ -191,8 +192,9 @@ def test_fuse_keeps_logits(variant):
     x = torch.randn(2, 3, 97, 80, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         a, b = model(x), fused(x)
-    # Folding rounds each conv once more; CondConv's random mixtures here amplify that to ~1e-4 of the largest logit.
-    assert ((a - b).abs().max() / a.abs().max()).item() <= 1e-3
+    # Folding rounds each conv once more: the fused bound, 1e-4 of each image's largest logit. These random
+    # CondConv mixtures amplify it (1e-5 here; up to 2e-4 seen with other global seeds, logits up to 1e5).
+    assert ((a - b).abs().amax(1) / a.abs().amax(1)).max().item() <= 1e-4
 
 
 @pytest.mark.parametrize('family', list(TINY))
