@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import NoReturn
 
+from effnet_timm.errors import first_line
 from effnet_timm.weights.integrity import sha256_file
 
 from .errors import CheckpointError, OutputError
@@ -191,19 +192,17 @@ def _extract(archive: Path, workdir: Path, max_unpacked: int | None = None) -> P
     except OSError as exc:
         shutil.rmtree(dest, ignore_errors=True)
         if exc.errno in _OUTPUT_ERRNOS:  # the disk or a limit, not the archive: the caller may keep the archive
-            raise OutputError(f'{archive}: cannot unpack into {workdir} ({exc.strerror or _one_line(exc)})') from None
-        raise CheckpointError(f'{archive}: cannot unpack ({_one_line(exc)})') from None
+            raise OutputError(
+                f'{archive}: cannot unpack into {workdir} ({exc.strerror or first_line(exc, whole=True)})'
+            ) from None
+        raise CheckpointError(f'{archive}: cannot unpack ({first_line(exc, whole=True)})') from None
     except (tarfile.TarError, EOFError, zlib.error) as exc:
         shutil.rmtree(dest, ignore_errors=True)
-        raise CheckpointError(f'{archive}: cannot unpack ({_one_line(exc)})') from None
+        raise CheckpointError(f'{archive}: cannot unpack ({first_line(exc, whole=True)})') from None
     except BaseException:
         shutil.rmtree(dest, ignore_errors=True)
         raise
     return dest
-
-
-def _one_line(exc: BaseException) -> str:
-    return ' '.join(str(exc).split()) or type(exc).__name__
 
 
 def _open_tar(archive: Path) -> tarfile.TarFile:
@@ -217,7 +216,7 @@ def _open_tar(archive: Path) -> tarfile.TarFile:
         return tarfile.open(archive, 'r:gz' if head == b'\x1f\x8b' else 'r:')
     except tarfile.ReadError as exc:
         kind = 'gzip-compressed tar' if head == b'\x1f\x8b' else 'tar (or gzip-compressed tar)'
-        raise CheckpointError(f'{archive}: not a {kind} archive ({_one_line(exc)})') from None
+        raise CheckpointError(f'{archive}: not a {kind} archive ({first_line(exc, whole=True)})') from None
 
 
 def _is_checkpoint_member(member: tarfile.TarInfo) -> bool:

@@ -40,6 +40,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from ..errors import CheckpointError, InputError, OutputError, PretrainedWeightsError, first_line
+from ..files import write_atomic
 from .download import ENV_ALLOW_UNVERIFIED, download
 from .integrity import file_digests, sha256_file, verify_folder
 from .tags import OFFICIAL_CKPT_ROOT, TAGS, hub_pin, hub_repo_id, official_url, tarball_pin
@@ -307,9 +308,7 @@ def _write_memo(path: Path, memo: Path, sha256: str) -> None:
     """Record the stat of a file whose sha256 was just checked (best effort: a read-only cache re-hashes)."""
     try:
         memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo.with_name(f'{memo.name}.{_host_pid()}.tmp')
-        tmp.write_text(json.dumps(dict(_stat_key(path), sha256=sha256)) + '\n')
-        os.replace(tmp, memo)
+        write_atomic(memo, json.dumps(dict(_stat_key(path), sha256=sha256)) + '\n')
     except OSError:
         pass
 
@@ -437,9 +436,7 @@ def _kept_download(tarball: Path, location: str, pin) -> dict[str, object] | Non
 
 
 def _write_json(path: Path, value: object) -> None:
-    tmp = path.with_name(path.name + '.tmp')
-    tmp.write_text(json.dumps(value) + '\n')
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(value) + '\n')
 
 
 def _convert(tarball: Path, out: Path, variant: str, tag: str, location: str) -> Path:
@@ -479,9 +476,7 @@ def _record(folder: Path, cache: dict[str, object]) -> None:
     if 'files' not in block:  # the converter records them; hashing a large file twice is not free
         block['files'] = file_digests(folder)
     block['cache'] = cache
-    tmp = folder / 'config.json.tmp'
-    tmp.write_text(json.dumps(config, indent=2) + '\n')
-    os.replace(tmp, folder / 'config.json')
+    write_atomic(folder / 'config.json', json.dumps(config, indent=2) + '\n')
 
 
 def _recorded_weights_sha256(folder: Path) -> str:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError, PretrainedWeightsError
+from ..files import write_atomic
 from .integrity import digest_file
 
 __all__ = ['ENV_ALLOW_UNVERIFIED', 'DownloadError', 'Downloaded', 'download', 'parse_goog_hash']
@@ -289,9 +290,7 @@ class _PartState:
         self._save()
 
     def _save(self) -> None:
-        tmp = self.meta_path.with_name(self.meta_path.name + '.tmp')
-        tmp.write_text(json.dumps(self.meta))
-        os.replace(tmp, self.meta_path)
+        write_atomic(self.meta_path, json.dumps(self.meta))
 
     def complete(self, url: str) -> _Headers | None:
         """The headers recorded for `url` when the `.part` already holds all its bytes, else None."""

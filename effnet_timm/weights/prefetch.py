@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import InputError, PretrainedWeightsError, first_line
+from ..files import write_atomic
 from .cache import cache_root, cached_entry, entry_state, fill_entry, official_location, official_names
 from .download import download
 from .tags import PINS_FILE, TAGS, official_path, official_url, reload_pins
@@ -151,12 +152,9 @@ def _merge_pins(target: Path, pins: dict[str, dict]) -> None:
         raise InputError(f'{target}: cannot read the pins ({err})') from None
     data.setdefault('tarballs', {}).update(pins)
     data['tarballs'] = dict(sorted(data['tarballs'].items()))
-    tmp = target.with_name(f'{target.name}.{os.getpid()}.tmp')
     try:
-        tmp.write_text(json.dumps(data, indent=2) + '\n', encoding='utf-8')
-        os.replace(tmp, target)
+        write_atomic(target, json.dumps(data, indent=2) + '\n')
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         raise InputError(f'{target}: cannot write the pins ({err.strerror or err})') from None
     reload_pins()
 
