@@ -236,3 +236,27 @@ def test_memory_lean_training_keeps_less_for_backward(variant, bound):
     lean = _bytes_kept_by_forward(model, x)
     model.set_memory_efficient(False)
     assert lean <= bound * _bytes_kept_by_forward(model, x)
+
+
+@pytest.mark.parametrize('family', list(TINY))
+def test_onnx_export_reproduces_the_logits(family, tmp_path):
+    """ONNX (the dynamo exporter) of each family, run by onnxruntime at the exported size (TF padding is
+    resolved per size, as for the B-series): within the fused bound of the eager logits."""
+    onnx = pytest.importorskip('onnx', reason='ONNX export check needs `pip install onnx onnxruntime onnxscript`')
+    ort = pytest.importorskip('onnxruntime', reason='ONNX parity needs `pip install onnxruntime`')
+    pytest.importorskip('onnxscript', reason='torch.onnx.export (dynamo) needs `pip install onnxscript`')
+    experts = 4 if family == 'condconv' else 0
+    model = timm.create_model(
+        'effnet_v1', width_coefficient=0.25, depth_coefficient=0.25, family=family, num_experts=experts
+    )
+    model = realistic_init_(model, calib_size=64).eval()
+    x = torch.randn(2, 3, 65, 80, generator=torch.Generator().manual_seed(1))
+    path = tmp_path / f'{family}.onnx'
+    torch.onnx.export(model, (x,), str(path), dynamo=True, external_data=False)
+    onnx.checker.check_model(onnx.load(str(path)))
+    session = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
+    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    with torch.inference_mode():
+        ref = model(x)
+    assert ref.abs().max() > 1
+    assert ((got - ref).abs().max() / ref.abs().max()).item() <= 1e-4
