@@ -158,23 +158,6 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
     )
     _resize_argument(p)
     p.add_argument(
-        '--crop-pct',
-        type=float,
-        metavar='F',
-        help="crop fraction as timm's: resize to floor(size / F), centre crop (instead of --crop)",
-    )
-    p.add_argument(
-        '--img-size',
-        type=positive_int,
-        metavar='N',
-        help="input size (default: the model's; published: its table size)",
-    )
-    p.add_argument(
-        '--pretrained',
-        action='store_true',
-        help="the --model tag's published weights (the default without --weights; accepted as timm's flag)",
-    )
-    p.add_argument(
         '--compare-timm-preprocessing',
         action='store_true',
         help="also run timm's own eval transform (PIL) and report how inputs and top-k differ",
@@ -523,12 +506,11 @@ def parser() -> argparse.ArgumentParser:
 
 def _user_error(err: BaseException) -> bool:
     """Errors that are the user's to fix, reported in one line (importing their types only once one happened)."""
-    if 'effnet_timm.errors' not in sys.modules and 'effnet_convert.errors' not in sys.modules:
+    if 'effnet_timm.errors' not in sys.modules:
         return False
-    from effnet_convert.errors import CheckpointError
-    from effnet_timm.errors import InputError, PretrainedWeightsError
+    from effnet_timm.errors import InputError, PretrainedWeightsError  # CheckpointError is an InputError
 
-    return isinstance(err, (InputError, PretrainedWeightsError, CheckpointError))
+    return isinstance(err, (InputError, PretrainedWeightsError))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

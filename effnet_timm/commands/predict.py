@@ -22,7 +22,7 @@ from ..data.preprocessing import (
     read_image_file,
 )
 from ..errors import InputError, first_line
-from .loading import known_tags, load_model, split_known_name  # noqa: F401  (re-exported: the earlier home)
+from .loading import load_model
 
 __all__ = [
     'CROPS',
@@ -31,8 +31,6 @@ __all__ = [
     'load_model',
     'predict',
     'format_predictions',
-    'split_known_name',
-    'known_tags',
     'mean_std_name',
     'tf_eval_transform',
     'timm_aligned_config',

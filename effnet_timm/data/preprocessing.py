@@ -187,6 +187,8 @@ def open_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
     """Pillow's lazy open of encoded ``data``, refused (:class:`ImageTooLargeError`) before any pixel is decoded
     when it declares more pixels than the limit. Pillow's own decompression-bomb warning is left to this check."""
     limit = max_image_pixels() if max_pixels is None else max_pixels
+    if data.startswith(_JPEG_MAGIC):
+        _check_jpeg_scans(data)  # every Pillow path (timm's transform too) comes through here
     try:
         with warnings.catch_warnings():
             warnings.simplefilter('ignore', Image.DecompressionBombWarning)
@@ -258,9 +260,8 @@ def _check_jpeg_scans(data: bytes) -> None:
 
 
 def _decode_bytes(data: bytes, decoder: str, max_pixels: int) -> np.ndarray:
-    if data.startswith(_JPEG_MAGIC):
-        _check_jpeg_scans(data)
     if data.startswith(_JPEG_MAGIC) and decoder != 'pillow':
+        _check_jpeg_scans(data)
         return _decode_jpeg_simplejpeg(data, max_pixels)
     with open_image(data, max_pixels) as img:
         return _pil_to_rgb(img)

@@ -24,7 +24,7 @@ from timm.layers import CondConv2d, DropPath
 
 from ..compat import SqueezeExcite, global_module_hooks_registered
 from .config import BlockConfig
-from .layers import Conv2dTfSame, create_conv, pad_before
+from .layers import INPLACE_SAFE_CONVS, create_conv, pad_before
 from .recompute import attach_recipe, recipe_of
 from .recompute_layers import BatchNormRecompute2d, SwishRecompute
 
@@ -108,8 +108,8 @@ def _unobserved(m: nn.Module, types: tuple[type, ...]) -> bool:
 
 
 def _unobserved_conv(m: nn.Module) -> bool:
-    # nn.Conv2d and our TF-'SAME' convs (FusedConv2d included) return a tensor no one else holds.
-    return (type(m) is nn.Conv2d or isinstance(m, Conv2dTfSame)) and _unobserved(m, (type(m),))
+    # nn.Conv2d, our TF-'SAME' conv and FusedConv2d (exact types) return a tensor no one else holds.
+    return _unobserved(m, tuple(INPLACE_SAFE_CONVS))
 
 
 def unobserved_triple(conv: nn.Module, bn: nn.Module, act: nn.Module) -> bool:

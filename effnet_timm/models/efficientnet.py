@@ -86,7 +86,7 @@ class EffNetV1(nn.Module):
         if family not in FAMILIES:
             raise ValueError(f"family '{family}' is not one of {', '.join(FAMILIES)}")
         self.family, self.num_experts = family, num_experts  # Lite/EdgeTPU/CondConv: `config.FAMILIES`
-        # Swish (ReLU6 for Lite, ReLU for EdgeTPU), a module of its own after each BatchNorm (see bn_act)
+        # Swish (ReLU6 for Lite, ReLU for EdgeTPU), a module of its own after each BatchNorm (see recompute_layers)
         act_layer = _ACTIVATIONS[FAMILIES[family].activation]
         norm_layer = partial(BatchNormRecompute2d, eps=bn_eps, momentum=bn_momentum)
 

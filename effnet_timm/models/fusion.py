@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..compat import convolution_pointwise, mkldnn_convolution_pointwise
 from .blocks import DepthwiseSeparable, FusedInvertedResidual, InvertedResidual
 from .efficientnet import EffNetV1
-from .layers import Conv2dTfSame
+from .layers import INPLACE_SAFE_CONVS, Conv2dTfSame
 
 __all__ = ['fuse', 'FusedConv2d']
 
@@ -102,6 +102,9 @@ class FusedConv2d(Conv2dTfSame):
             and not torch.is_autocast_enabled('cpu')
             and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
         )
+
+
+INPLACE_SAFE_CONVS.add(FusedConv2d)  # its output is a new tensor of its own, as Conv2dTfSame's
 
 
 def _memory_format(weight: torch.Tensor) -> torch.memory_format:

@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_module
 
-__all__ = ['tf_same_pad', 'Conv2dTfSame', 'create_conv']
+__all__ = ['INPLACE_SAFE_CONVS', 'tf_same_pad', 'Conv2dTfSame', 'create_conv']
 
 
 def tf_same_pad(size: int, kernel_size: int, stride: int, dilation: int = 1) -> tuple[int, int]:
@@ -130,6 +130,11 @@ class Conv2dTfSame(nn.Conv2d):
 
     def _conv(self, x: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor:
         return F.conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
+
+
+# Conv types (exact, not subclasses: a subclass may keep its output) whose output is a new tensor that no one
+# else holds, so in-place inference may write BatchNorm/activation into it. fusion.py adds FusedConv2d.
+INPLACE_SAFE_CONVS: set[type] = {nn.Conv2d, Conv2dTfSame}
 
 
 def create_conv(

@@ -15,7 +15,7 @@ A recipe is only ever a stand-in for the value it was made from:
 - a recipe source edited in place after the save fails backward, as plain autograd does;
 - every tensor the hooks save as itself is checked for in-place edits at unpack, which autograd stops
   doing for tensors that pass through saved-tensor hooks;
-- under `create_graph=True` (double backward) recipes recompute differentiably (see `bn_act`).
+- under `create_graph=True` (double backward) recipes recompute differentiably (see `recompute_layers`).
 
 Gradient checkpointing (`checkpoint`, used by `EffNetV1.set_grad_checkpointing`) is the other way to save
 memory: it re-runs whole blocks in backward. A training BatchNorm re-run there must not update its running

@@ -179,6 +179,10 @@ def test_a_progressive_jpeg_of_too_many_scans_is_refused_before_decoding(monkeyp
     for decoder in ('auto', 'pillow'):
         with pytest.raises(ImageTooLargeError, match=rf'^{MAX_JPEG_SCANS + 1} scans \(JPEG start-of-scan markers\)'):
             decode_image(bomb, decoder)
+    # timm's own transform (validate --preprocessing timm) opens images through the same check.
+    timm_transform = TimmEvalTransform(dict(CONFIG, interpolation='bicubic', crop_mode='center'))
+    with pytest.raises(ImageTooLargeError, match=rf'^{MAX_JPEG_SCANS + 1} scans'):
+        timm_transform(bomb)
     with pytest.raises(Decoded):  # at the limit it is decoded
         decode_image(data[:-2] + data[last:-2] * (MAX_JPEG_SCANS - scans) + b'\xff\xd9')
 
