@@ -270,13 +270,14 @@ def _from_hub(repo_id: str, pin, cache_dir, offline: bool):
         return None, f'unreachable ({first_line(err)})'
     memo = cache_root(cache_dir) / '.verified' / f'hub-{pin.sha256}.json'
     if not _matches_memo(path, memo, pin.sha256):
+        before = _stat_key(path)
         found = sha256_file(path)
         if found != pin.sha256:
             _logger.warning(
                 '%s@%s: %s has sha256 %s, the pin says %s; not used', repo_id, pin.revision, path, found, pin.sha256
             )
             return None, f'sha256 {found[:12]}… is not the pinned {pin.sha256[:12]}…'
-        _write_memo(path, memo, pin.sha256)
+        _write_memo(path, memo, pin.sha256, before)
     return path, None
 
 
@@ -304,11 +305,17 @@ def _matches_memo(path: Path, memo: Path, sha256: str) -> bool:
         return False
 
 
-def _write_memo(path: Path, memo: Path, sha256: str) -> None:
-    """Record the stat of a file whose sha256 was just checked (best effort: a read-only cache re-hashes)."""
+def _write_memo(path: Path, memo: Path, sha256: str, before: dict[str, int] | None = None) -> None:
+    """Record the stat of a file whose sha256 was just checked (best effort: a read-only cache re-hashes).
+
+    `before`: the stat taken before hashing; when the file changed meanwhile nothing is recorded, so the next
+    load hashes again rather than vouching for bytes that were not the ones hashed."""
     try:
+        now = _stat_key(path)
+        if before is not None and now != before:
+            return
         memo.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(memo, json.dumps(dict(_stat_key(path), sha256=sha256)) + '\n')
+        write_atomic(memo, json.dumps(dict(now, sha256=sha256)) + '\n')
     except OSError:
         pass
 
@@ -424,6 +431,8 @@ def _kept_download(tarball: Path, location: str, pin) -> dict[str, object] | Non
             and record.get('bytes') == size
             and isinstance(record.get('x_goog_hash'), dict)
             and (pin is None or (record.get('sha256'), size) == (pin.sha256, pin.size))
+            # verified by a pin or the bucket's hash; kept under EFFNET_TIMM_ALLOW_UNVERIFIED only while it is set
+            and (pin is not None or bool(record['x_goog_hash']) or _allow_unverified())
             and record.get('sha256') == sha256_file(tarball)
         ):
             _logger.info('%s: reusing the verified download %s', location, tarball)
@@ -497,8 +506,9 @@ def _untrusted_reason(folder: Path, variant: str, tag: str, rehash: bool = False
             return f'holds {config.get("architecture")}.{(config.get("pretrained_cfg") or {}).get("tag")}'
         weights, memo = folder / WEIGHTS_NAME, folder / STAT_NAME
         if rehash or not _matches_memo(weights, memo, record['sha256']):
+            before = _stat_key(weights)
             verify_folder(folder)
-            _write_memo(weights, memo, record['sha256'])
+            _write_memo(weights, memo, record['sha256'], before)
     except (OSError, ValueError, AttributeError, KeyError, TypeError, InputError) as err:
         return first_line(err)
     return None

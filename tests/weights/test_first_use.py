@@ -1380,3 +1380,28 @@ def test_download_verify_hashes_again(cli_env, bucket, capsys):
     os.utime(entry.weights, ns=(before.st_atime_ns, before.st_mtime_ns))
     assert main(['download', NAME, '--verify']) == 2
     assert 'damaged (' in capsys.readouterr().err
+
+
+@pytest.mark.oracle
+def test_tarball_kept_under_the_unverified_opt_in_is_not_reused_without_it(cli_env, bucket, official, monkeypatch):
+    """A download accepted only because EFFNET_TIMM_ALLOW_UNVERIFIED was set, kept after a failed conversion, is
+    fetched again (and verified) once the opt-in is gone: the kept copy is not a verified one."""
+    from effnet_timm.weights import cache as weights_cache
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    bucket.faults[AA] = Fault('no_hash')
+    try:
+        with monkeypatch.context() as m:
+            m.setenv('EFFNET_TIMM_ALLOW_UNVERIFIED', '1')
+            m.setattr(weights_cache, '_convert', interrupted)
+            with pytest.raises(KeyboardInterrupt):
+                weights_cache.fill_entry('effnet_v1_b0', 'aa_in1k', progress=False)
+    finally:
+        bucket.faults.pop(AA, None)
+    tarball = cli_env / '.tmp' / NAME / 'download' / 'efficientnet-b0.tar.gz'
+    assert tarball.read_bytes() == official[1]  # kept after Ctrl-C
+    seen = len(bucket.gets(AA))
+    entry = weights_cache.fill_entry('effnet_v1_b0', 'aa_in1k', progress=False)
+    assert len(bucket.gets(AA)) == seen + 1 and entry.fetched_now and not _untrusted(cli_env)
