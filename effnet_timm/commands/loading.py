@@ -20,7 +20,7 @@ from timm.models import PretrainedCfg, split_model_name_tag
 
 from ..errors import InputError, first_line
 from ..weights.integrity import verify_folder
-from ..weights.tags import TAGS, pretrained_cfg
+from ..weights.tags import TAGS, family_cfg, pretrained_cfg
 
 __all__ = ['known_tags', 'split_known_name', 'load_model']
 
@@ -69,6 +69,8 @@ def load_model(model_name: str | None, weights: Path | None) -> torch.nn.Module:
     arch, tag = _resolve_name(model_name, weights, file, config, metadata)
     model_args = config.get('model_args', {}) if config is not None else _metadata_model_args(arch, metadata)
     cfg = _weights_cfg(arch, tag, config, file, user_tag=not metadata.get('tag'))
+    if config is None and arch == 'effnet_v1' and metadata.get('family'):
+        cfg.update(family_cfg(metadata['family']))  # a generic Lite/EdgeTPU/CondConv: its family's preprocessing
     try:
         model = timm.create_model(arch, pretrained=False, pretrained_cfg=cfg, **model_args)
     except (TypeError, ValueError) as err:
@@ -152,10 +154,13 @@ def _metadata_model_args(arch: str, metadata: dict[str, str]) -> dict[str, Any]:
     if arch != 'effnet_v1' or not metadata.get('width_coefficient'):
         return {}
     try:
-        return dict(
+        args: dict[str, Any] = dict(
             width_coefficient=float(metadata['width_coefficient']),
             depth_coefficient=float(metadata['depth_coefficient']),
         )
+        if metadata.get('family'):  # recorded by the converter for Lite/EdgeTPU/CondConv
+            args.update(family=metadata['family'], num_experts=int(metadata.get('num_experts') or 0))
+        return args
     except (KeyError, ValueError):
         raise InputError(
             f'safetensors metadata: width/depth coefficients {metadata.get("width_coefficient")!r}/'

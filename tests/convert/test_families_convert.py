@@ -198,3 +198,23 @@ def test_verify_is_refused_in_one_line_for_the_families(tmp_path):
         convert(str(fixture), tmp_path / 'out', verify=True)
     assert '\n' not in str(err.value)
     assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('family', ['edgetpu', 'condconv'])
+def test_bare_safetensors_file_keeps_its_family(tmp_path, family):
+    """`--weights model.safetensors` without its config.json: the family, experts and preprocessing recorded in
+    the file's metadata build the same model as the folder does (EdgeTPU: the background logit dropped)."""
+    from effnet_timm.commands.loading import load_model
+
+    fixture = shared_path(TINY[family])
+    convert(str(fixture), tmp_path / 'out', image_size=96)
+    bare = tmp_path / 'bare.safetensors'
+    shutil.copy(tmp_path / 'out' / 'model.safetensors', bare)
+    folder_model, file_model = load_model(None, tmp_path / 'out'), load_model(None, bare)
+    for key in ('mean', 'std', 'interpolation', 'label_offset'):
+        found, expected = (file_model.pretrained_cfg.get(key), folder_model.pretrained_cfg.get(key))
+        as_tuple = lambda v: tuple(v) if isinstance(v, list) else v  # noqa: E731  (JSON gives lists)
+        assert as_tuple(found) == as_tuple(expected), key
+    x = torch.from_numpy(np.load(fixture / 'inputs.npy')).permute(0, 3, 1, 2)
+    with torch.inference_mode():
+        torch.testing.assert_close(file_model(x), folder_model(x), rtol=0, atol=0)
