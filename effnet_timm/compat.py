@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import torch
 
 __all__ = [
+    'BatchNormBase',
     'PRIVATE_APIS',
     'TESTED_VERSIONS',
     'SqueezeExcite',
@@ -27,6 +28,7 @@ __all__ = [
     'resolve_pretrained_source',
     'save_config_for_hf',
     'saved_tensors_hooks_outer_active',
+    'verify_batch_size',
 ]
 
 # The releases these were last checked on (pyproject.toml: timm<1.1, torch<2.15).
@@ -58,6 +60,8 @@ PRIVATE_APIS = (
         for kind in ('forward_hooks', 'forward_pre_hooks', 'backward_hooks', 'backward_pre_hooks')
     ),
     PrivateApi('torch._C', '_current_graph_task_id', False, 'whether a backward runs (checkpoint recomputation)'),
+    PrivateApi('torch.nn.modules.batchnorm', '_BatchNorm', True, 'every BatchNorm kind (fuse, checkpoint buffers)'),
+    PrivateApi('torch.nn.functional', '_verify_batch_size', True, "plain BatchNorm's one-value-per-channel check"),
 )
 
 
@@ -97,6 +101,8 @@ efficientnet_init_weights: Callable[..., None] = _require(
 SqueezeExcite: type[torch.nn.Module] = _require('timm.models._efficientnet_blocks', 'SqueezeExcite')
 feature_take_indices: Callable[..., tuple[list[int], int]] = _require('timm.models._features', 'feature_take_indices')
 save_config_for_hf: Callable[..., None] = _require('timm.models._hub', 'save_config_for_hf')
+BatchNormBase: type[torch.nn.Module] = _require('torch.nn.modules.batchnorm', '_BatchNorm')
+verify_batch_size: Callable[[torch.Size], None] = _require('torch.nn.functional', '_verify_batch_size')
 
 
 def mkldnn_convolution_pointwise() -> Callable[..., torch.Tensor] | None:

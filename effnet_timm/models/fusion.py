@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..compat import convolution_pointwise, mkldnn_convolution_pointwise
+from ..compat import BatchNormBase, convolution_pointwise, mkldnn_convolution_pointwise
 from .blocks import DepthwiseSeparable, FusedInvertedResidual, InvertedResidual
 from .efficientnet import EffNetV1
 from .layers import INPLACE_SAFE_CONVS, Conv2dTfSame
@@ -50,7 +50,7 @@ class FusedConv2d(Conv2dTfSame):
     skip the layout copies of PyTorch's default CPU path for channels_last (README: Performance).
     """
 
-    def __init__(self, conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm, swish: bool) -> None:
+    def __init__(self, conv: nn.Conv2d, bn: BatchNormBase, swish: bool) -> None:
         assert conv.kernel_size[0] == conv.kernel_size[1] and conv.stride[0] == conv.stride[1]
         # The conv's own dtype and device (a bf16/fp16/fp64 or CUDA model stays one).
         super().__init__(
@@ -112,7 +112,7 @@ def _memory_format(weight: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
-def _fold_batch_norm(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+def _fold_batch_norm(conv: nn.Conv2d, bn: BatchNormBase) -> tuple[torch.Tensor, torch.Tensor]:
     """Conv weight and bias that compute `bn(conv(x))` with the running statistics (in float64, then
     rounded once to the conv's dtype)."""
     scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
@@ -126,7 +126,7 @@ def _fold_batch_norm(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> tu
 def _fuse_triple(parent: nn.Module, conv_name: str, bn_name: str, act_name: str | None) -> None:
     conv, bn = getattr(parent, conv_name), getattr(parent, bn_name)
     # Any BatchNorm, SyncBatchNorm included; not a pruned head (Identity) or an already fused conv.
-    if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+    if not isinstance(bn, BatchNormBase):
         return
     assert bn.track_running_stats and bn.running_mean is not None, f'{bn_name}: no running statistics to fold'
     act = getattr(parent, act_name) if act_name else None

@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.utils.checkpoint
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ..compat import current_graph_task_id, saved_tensors_hooks_outer_active
+from ..compat import BatchNormBase, current_graph_task_id, saved_tensors_hooks_outer_active
 
 __all__ = [
     'Recompute',
@@ -226,7 +226,7 @@ def batch_norm_buffers_aside(module: nn.Module) -> Iterator[None]:
     """While inside, every training BatchNorm in `module` reads and updates copies of its running statistics."""
     saved = []
     for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats:
+        if isinstance(m, BatchNormBase) and m.training and m.track_running_stats:
             originals = {k: m._buffers[k] for k in _BN_BUFFERS if m._buffers.get(k) is not None}
             saved.append((m, originals))
             for k, t in originals.items():

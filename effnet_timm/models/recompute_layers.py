@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..compat import verify_batch_size
 from .recompute import attach_recipe, in_backward, recipe_of, recording
 
 __all__ = ['BatchNormRecompute2d', 'SwishRecompute', 'ReLURecompute', 'ReLU6Recompute']
@@ -61,7 +62,7 @@ def batch_norm_with_recipe(
     """`F.batch_norm(x, training=True)` whose output carries a recipe (`effnet_timm.models.recompute`)."""
     # F.batch_norm's check ("Expected more than 1 value per channel when training"): the kernel would write NaN
     # into running_var instead.
-    F._verify_batch_size(x.size())
+    verify_batch_size(x.size())
     y, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
     with torch.no_grad():
         scale = invstd * weight
