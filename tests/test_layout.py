@@ -13,11 +13,11 @@ from conftest import REPO
 PACKAGE = REPO / 'effnet_timm'
 # Which parts of effnet_timm each part may import (besides itself). Top level: errors, files, compat.
 ALLOWED = {
-    'models': {'compat', 'errors', 'files'},
-    'data': {'compat', 'errors', 'files'},
-    'weights': {'compat', 'errors', 'files', 'models', 'data'},
-    'effnet_v1': {'compat', 'errors', 'files', 'models', 'weights'},
-    'commands': {'compat', 'errors', 'files', 'models', 'data', 'weights', 'effnet_v1'},
+    'models': {'compat', 'env', 'errors', 'files'},
+    'data': {'compat', 'env', 'errors', 'files'},
+    'weights': {'compat', 'env', 'errors', 'files', 'models', 'data'},
+    'effnet_v1': {'compat', 'env', 'errors', 'files', 'models', 'weights'},
+    'commands': {'compat', 'env', 'errors', 'files', 'models', 'data', 'weights', 'effnet_v1'},
 }
 
 

@@ -70,7 +70,7 @@ import simplejpeg
 import torch
 from PIL import Image
 
-from ..errors import InputError
+from ..env import env_int
 
 __all__ = [
     'ImageInput',
@@ -136,16 +136,7 @@ class ImageTooLargeError(ValueError):
 
 def max_image_pixels() -> int:
     """The most pixels (width x height) an image may declare: ``EFFNET_TIMM_MAX_IMAGE_PIXELS`` or 100 MP."""
-    raw = os.environ.get(ENV_MAX_IMAGE_PIXELS, '').strip()
-    if not raw:
-        return DEFAULT_MAX_IMAGE_PIXELS
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise InputError(f'{ENV_MAX_IMAGE_PIXELS}={raw!r}: expected a whole number of pixels >= 1')
-    return value
+    return env_int(ENV_MAX_IMAGE_PIXELS, DEFAULT_MAX_IMAGE_PIXELS, 1, 'a whole number of pixels')
 
 
 def max_image_bytes(max_pixels: int | None = None) -> int:

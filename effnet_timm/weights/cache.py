@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from ..env import env_flag
 from ..errors import CheckpointError, InputError, OutputError, PretrainedWeightsError, first_line
 from ..files import write_atomic
 from .download import ENV_ALLOW_UNVERIFIED, download
@@ -180,15 +181,10 @@ def fill_entry(variant: str, tag: str, cache_dir=None, progress: bool | None = N
         lock.release()
 
 
-def _env_flag(name: str) -> bool:
-    """Whether environment variable `name` is set to a true value (1, true, yes, on), as huggingface_hub reads them."""
-    return os.environ.get(name, '').strip().lower() in ('1', 'true', 'yes', 'on')
-
-
 def _progress_bars_disabled() -> bool:
     # The bar shows on a terminal only; HF_HUB_DISABLE_PROGRESS_BARS=1 silences it as it does the Hub's, for
     # create_model and `effnet-timm download` alike (an explicit progress=True still shows it).
-    return _env_flag('HF_HUB_DISABLE_PROGRESS_BARS')
+    return env_flag('HF_HUB_DISABLE_PROGRESS_BARS')
 
 
 def resolve_pretrained_file(variant: str, tag: str, hf_hub_id: str | None = None, cache_dir=None) -> Path:
@@ -290,7 +286,7 @@ def _offline() -> bool:
     # huggingface_hub reads HF_HUB_OFFLINE once, at import; a later change of the environment counts here too.
     from huggingface_hub import constants
 
-    return bool(constants.HF_HUB_OFFLINE) or _env_flag('HF_HUB_OFFLINE')
+    return bool(constants.HF_HUB_OFFLINE) or env_flag('HF_HUB_OFFLINE')
 
 
 # --- verified-file memos: hash once, then compare stat ------------------------------------------------------------
@@ -415,7 +411,7 @@ def _convert_and_install(
 
 
 def _allow_unverified() -> bool:
-    return _env_flag(ENV_ALLOW_UNVERIFIED)
+    return env_flag(ENV_ALLOW_UNVERIFIED)
 
 
 def _sidecar(tarball: Path) -> Path:

@@ -28,7 +28,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import InputError, PretrainedWeightsError
+from ..env import env_float, env_int
+from ..errors import PretrainedWeightsError
 from ..files import write_atomic
 from .integrity import digest_file
 
@@ -120,10 +121,10 @@ def download(
         raise DownloadError(f'{err.filename or dest.parent}: cannot write ({err.strerror or err})') from None
     part, meta_path = dest.with_name(dest.name + '.part'), dest.with_name(dest.name + '.part.json')
     limits = _Limits(
-        attempts or _attempts_from_env(),
-        _float_env('EFFNET_TIMM_DOWNLOAD_DEADLINE_S', DEADLINE_S, minimum=1e-3),
-        _float_env('EFFNET_TIMM_DOWNLOAD_MIN_BPS', MIN_BPS, minimum=0.0),
-        _float_env('EFFNET_TIMM_DOWNLOAD_RATE_WINDOW_S', RATE_WINDOW_S, minimum=1e-3),
+        attempts or env_int('EFFNET_TIMM_DOWNLOAD_ATTEMPTS', ATTEMPTS, 1),
+        env_float('EFFNET_TIMM_DOWNLOAD_DEADLINE_S', DEADLINE_S, minimum=1e-3),
+        env_float('EFFNET_TIMM_DOWNLOAD_MIN_BPS', MIN_BPS, minimum=0.0),
+        env_float('EFFNET_TIMM_DOWNLOAD_RATE_WINDOW_S', RATE_WINDOW_S, minimum=1e-3),
         time.monotonic(),
     )
     expect = _Expect(sha256.lower() if sha256 else None, size, require_hash)
@@ -149,32 +150,6 @@ def download(
     resumed = bool(state.meta.get('resumed')) or requests == 0
     meta_path.unlink(missing_ok=True)
     return Downloaded(dest, result[0], result[1], result[2], headers.goog_hash, requests, resumed)
-
-
-def _attempts_from_env() -> int:
-    value = os.environ.get('EFFNET_TIMM_DOWNLOAD_ATTEMPTS', '').strip()
-    if not value:
-        return ATTEMPTS
-    try:
-        attempts = int(value)
-    except ValueError:
-        attempts = 0
-    if attempts < 1:
-        raise InputError(f'EFFNET_TIMM_DOWNLOAD_ATTEMPTS={value!r}: expected an integer >= 1')
-    return attempts
-
-
-def _float_env(name: str, default: float, minimum: float) -> float:
-    value = os.environ.get(name, '').strip()
-    if not value:
-        return default
-    try:
-        number = float(value)
-    except ValueError:
-        number = float('nan')
-    if not number >= minimum or number == float('inf'):
-        raise InputError(f'{name}={value!r}: expected a number of at least {minimum:g}')
-    return number
 
 
 @dataclass
